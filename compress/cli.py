@@ -1,0 +1,117 @@
+"""The `compress` command line. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a gate failed."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from compress.errors import CompressError
+
+app = typer.Typer(
+    name="compress",
+    help="Staged, accuracy-gated model compression for PyTorch, exported to ONNX and TensorRT.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mnist-resnet20.yaml"
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Turn our own errors into one line and the right exit code; leave real bugs their traceback."""
+    try:
+        return fn()
+    except CompressError as exc:
+        label = "gate failed" if exc.exit_code == 3 else "error"
+        err_console.print(f"[bold red]{label}:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished stages are kept; rerun with --resume to continue")
+        raise typer.Exit(130) from None
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default: runs/NAME)")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="reuse finished stages whose recipe section is unchanged")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="override the recipe's seed")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="allow checkpoints that need full unpickling (runs code from the file)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+
+
+def _run(recipe: Path, out: Path | None, resume: bool, device: str, seed: int | None, trust: bool, quiet: bool) -> None:
+    from compress.runner import RunOptions, run_recipe
+
+    options = RunOptions(out=out, resume=resume, device=device, seed=seed, trust_checkpoint=trust, quiet=quiet)
+    guarded(lambda: run_recipe(recipe, options))
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    out: OutOpt = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "cpu",
+    seed: SeedOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a recipe: baseline, stages with gates, export, report."""
+    _run(recipe, out, resume, device, seed, trust_checkpoint, quiet)
+
+
+@app.command()
+def demo(
+    out: OutOpt = None,
+    resume: ResumeOpt = True,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """The default recipe (ResNet-20 on real MNIST digits: prune, gate, export) end to end."""
+    _run(DEMO_RECIPE, out, resume, device, None, False, quiet)
+
+
+@app.command()
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe's schema and references (model, checkpoint, data, metric) without running it."""
+
+    def check() -> None:
+        from compress.validate import validate_recipe
+
+        validate_recipe(recipe)
+
+    guarded(check)
+    Console().print(f"{recipe}: ok")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="a stage checkpoint (.pt/.safetensors) or an .onnx file")],
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe giving the model and data")],
+    split: Annotated[str, typer.Option(help="val or test")] = "test",
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Metric of a checkpoint or an ONNX file on the recipe's data."""
+
+    def score() -> Any:
+        from compress.evaluate import evaluate_file
+
+        return evaluate_file(model, recipe, split=split, trust=trust_checkpoint)
+
+    value = guarded(score)
+    Console().print(f"{model}: {split} metric {value:.4f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The run: baseline -> stages with gates -> export -> report, resumable stage by stage.
+
+Everything that can be wrong with the input (recipe, model, checkpoint, data, output directory) is
+checked before the run directory is touched, so bad input leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+import compress
+from compress.atomic import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
+from compress.data import DataSplits, load_data
+from compress.errors import BadInput, GateFailed
+from compress.gate import check_gate
+from compress.metrics import MetricFn, resolve_metric
+from compress.models import build_model, load_checkpoint
+from compress.passes import get_pass
+from compress.progress import RunProgress
+from compress.recipe import Recipe, load_recipe, stable_hash
+from compress.reference import obtain_reference
+from compress.report import print_summary, write_reports
+from compress.sparsity import sparsity_stats
+from compress.state import ModelState, StageContext
+from compress.train import predict
+
+
+@dataclass
+class RunOptions:
+    out: Path | None = None
+    resume: bool = True
+    device: str = "cpu"
+    seed: int | None = None
+    trust_checkpoint: bool = False
+    quiet: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput("--device cuda: CUDA is not available on this machine")
+        return torch.device("cuda")
+    raise BadInput(f"--device: expected cpu or cuda, got {name!r}")
+
+
+def check_output_dir(out: Path) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInput(f"--out {out}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: directory {probe} is not writable")
+
+
+def versions() -> dict[str, str]:
+    found = {"compress": compress.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for module in ("onnx", "onnxruntime", "torch_pruning"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    found["platform"] = platform.platform()
+    return found
+
+
+def stage_dir_name(index: int, name: str) -> str:
+    return f"{index + 1:02d}-{name}"
+
+
+class Evaluator:
+    """Metric of a model on one split; the validation split feeds the gates, the test split the report."""
+
+    def __init__(self, data: DataSplits, metric: MetricFn, device: torch.device, batch_size: int) -> None:
+        self.data, self.metric, self.device, self.batch_size = data, metric, device, batch_size
+
+    def logits(self, model: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict(model, getattr(self.data, split), batch_size=self.batch_size, device=self.device)
+
+    def score(self, model: nn.Module, split: str = "val") -> float:
+        return float(self.metric(*self.logits(model, split)))
+
+
+class StageStore:
+    """A stage's directory: checkpoint plus metrics.json, the latter written last as the completion mark."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.checkpoint = directory / "model.pt"
+        self.metrics = directory / "metrics.json"
+
+    def load_if_complete(self, key: str, template: nn.Module) -> tuple[ModelState, dict[str, Any]] | None:
+        import json
+
+        try:
+            record = json.loads(self.metrics.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("key") != key or not self.checkpoint.exists():
+            return None
+        # a checkpoint torn or replaced after its stage finished is never taken as finished
+        if sha256_file(self.checkpoint) != record.get("checkpoint_sha256"):
+            return None
+        payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        return ModelState.from_checkpoint(template, payload), record["entry"]
+
+    def save(self, key: str, state: ModelState, entry: dict[str, Any]) -> None:
+        self.metrics.unlink(missing_ok=True)
+        digest = atomic_torch_save(state.checkpoint(), self.checkpoint)
+        atomic_write_json(self.metrics, {"key": key, "checkpoint_sha256": digest, "entry": entry})
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, options: RunOptions, recipe_path: str = "") -> None:
+        self.recipe = recipe
+        self.options = options
+        self.recipe_path = recipe_path
+        self.device = resolve_device(options.device)
+        self.metric = resolve_metric(recipe.metric)
+        self.out = options.out or Path("runs") / recipe.name
+        check_output_dir(self.out)
+        self._check_export_tools()
+        self.data = load_data(recipe.data)
+        self.evaluator = Evaluator(self.data, self.metric, self.device, max(256, recipe.data.batch_size))
+        self.report: dict[str, Any] = {}
+
+    def _check_export_tools(self) -> None:
+        export = self.recipe.export
+        if export is not None and export.tensorrt.build == "always":
+            try:
+                import tensorrt  # noqa: F401
+            except ImportError:
+                raise BadInput("export.tensorrt.build: 'always' but TensorRT is not installed here") from None
+
+    # --- model --------------------------------------------------------------------------------------
+
+    def load_model(self, progress: RunProgress) -> tuple[nn.Module, dict[str, Any]]:
+        cfg = self.recipe.model
+        channels, height, _ = self.data.input_shape
+        torch.manual_seed(self.recipe.seed)
+        model = build_model(cfg, in_channels=channels, num_classes=self.data.num_classes, input_size=height)
+        if cfg.checkpoint:
+            model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint)
+            source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
+        else:
+            source = obtain_reference(model, self.recipe, self.data, self.device, progress)
+        self._check_forward(model)
+        return model.to(self.device).eval(), source
+
+    def _check_forward(self, model: nn.Module) -> None:
+        example = self.data.test[0][0].unsqueeze(0)
+        try:
+            with torch.no_grad():
+                logits = model.eval()(example)
+        except Exception as exc:
+            raise BadInput(
+                f"model.arch: {self.recipe.model.arch} cannot take the data's input of shape "
+                f"{tuple(example.shape)} ({type(exc).__name__}: {exc})"
+            ) from None
+        if logits.dim() != 2 or logits.shape[1] < self.data.num_classes:
+            raise BadInput(
+                f"model.arch: output shape {tuple(logits.shape)} does not give {self.data.num_classes} "
+                "class scores per sample (set model.kwargs.num_classes?)"
+            )
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        with RunProgress(quiet=self.options.quiet) as progress:
+            model, source = self.load_model(progress)
+            self.out.mkdir(parents=True, exist_ok=True)
+            resolved = self.recipe.resolved()
+            recipe_hash = stable_hash(resolved)
+            atomic_write_text(
+                self.out / "recipe.yaml",
+                f"# recipe hash: {recipe_hash}\n" + yaml.safe_dump(resolved, sort_keys=False),
+            )
+            self.report = {
+                "status": "running",
+                "recipe": resolved,
+                "recipe_hash": recipe_hash,
+                "versions": versions(),
+                "device": str(self.device),
+                "seed": self.recipe.seed,
+                "baseline": {},
+                "stages": [],
+                "export": {},
+                "failed_stage": None,
+            }
+            try:
+                state = self._baseline(model, source, progress)
+                state = self._stages(state, progress)
+                if self.recipe.export is not None:
+                    self._export(state, progress)
+                self.report["status"] = "passed"
+            except GateFailed:
+                self.report["status"] = "gate_failed"
+                raise
+            finally:
+                if self.report["status"] == "running":
+                    self.report["status"] = "error"
+                self.report["seconds"] = time.perf_counter() - started
+                write_reports(self.report, self.out)
+                print_summary(self.report, self.out, progress.console)
+        return self.report
+
+    def _baseline(self, model: nn.Module, source: dict[str, Any], progress: RunProgress) -> ModelState:
+        state = ModelState(model)
+        metric = self.evaluator.score(model, "val")
+        test_metric = self.evaluator.score(model, "test")
+        stats = sparsity_stats(model)
+        entry = {"metric": metric, "test_metric": test_metric, **stats, **source}
+        baseline_dir = self.out / "baseline"
+        atomic_torch_save(state.checkpoint(), baseline_dir / "model.pt")
+        atomic_write_json(baseline_dir / "metrics.json", entry)
+        self.report["baseline"] = entry
+        self.baseline_key = stable_hash({"source": source, "seed": self.recipe.seed})
+        progress.log(f"baseline: val {metric:.4f}, test {test_metric:.4f}")
+        return state
+
+    def _stages(self, state: ModelState, progress: RunProgress) -> ModelState:
+        previous_key = self.baseline_key
+        baseline_metric = self.report["baseline"]["metric"]
+        previous_metric = baseline_metric
+        resolved_stages = self.recipe.resolved()["stages"]
+        for index, (stage, config) in enumerate(zip(self.recipe.stages, self.recipe.pass_configs())):
+            # the gate is not part of the key: tightening a gate re-judges a stage, it does not redo it
+            stage_section = {k: v for k, v in resolved_stages[index].items() if k != "gate"}
+            key = stable_hash({"previous": previous_key, "stage": stage_section, "seed": self.recipe.seed})
+            store = StageStore(self.out / "stages" / stage_dir_name(index, stage.name))
+            loaded = store.load_if_complete(key, state.model) if self.options.resume else None
+            if loaded is not None:
+                state, entry = loaded
+                entry["resumed"] = True
+                progress.log(f"{stage.name}: finished earlier, loaded from {store.checkpoint}")
+            else:
+                state, entry = self._run_stage(index, stage, config, state, progress)
+            entry["gate"] = check_gate(stage.gate, entry["metric"], baseline=baseline_metric, previous=previous_metric)
+            entry["drop"] = entry["gate"]["drop"]
+            passed = entry["gate"]["passed"]
+            if loaded is None and (passed or stage.gate.on_fail == "continue"):
+                store.save(key, state, entry)
+            self.report["stages"].append(entry)
+            if not passed:
+                if stage.gate.on_fail == "stop":
+                    self.report["failed_stage"] = stage.name
+                    raise GateFailed(f"stage {stage.name!r} failed its gate: {entry['gate']['reason']}")
+                progress.log(f"warning: {stage.name} failed its gate ({entry['gate']['reason']}); continuing")
+            previous_key, previous_metric = key, entry["metric"]
+        return state
+
+    def _run_stage(
+        self, index: int, stage: Any, config: Any, state: ModelState, progress: RunProgress
+    ) -> tuple[ModelState, dict[str, Any]]:
+        spec = get_pass(stage.pass_name)
+        seed = self.recipe.seed * 1000 + index + 1
+        torch.manual_seed(seed)
+        ctx = StageContext(
+            data=self.data,
+            device=self.device,
+            seed=seed,
+            batch_size=self.recipe.data.batch_size,
+            progress=progress,
+            evaluate=lambda m: self.evaluator.score(m, "val"),
+            stage_name=stage.name,
+        )
+        started = time.perf_counter()
+        result = spec.apply(state, config, ctx)
+        seconds = time.perf_counter() - started
+        state = result.state
+        metric = self.evaluator.score(state.model, "val")
+        test_metric = self.evaluator.score(state.model, "test")
+        progress.log(f"{stage.name}: val {metric:.4f}, test {test_metric:.4f} ({seconds:.1f}s)")
+        entry = {
+            "name": stage.name,
+            "pass": stage.pass_name,
+            "metric": metric,
+            "test_metric": test_metric,
+            "test_drop": self.report["baseline"]["test_metric"] - test_metric,
+            "seconds": seconds,
+            **sparsity_stats(state.model),
+            **result.info,
+            "checkpoint": str(Path("stages") / stage_dir_name(index, stage.name) / "model.pt"),
+            "resumed": False,
+        }
+        return state, entry
+
+    def _export(self, state: ModelState, progress: RunProgress) -> None:
+        from compress.export_stage import export_and_verify
+
+        torch_logits, labels = self.evaluator.logits(state.model, "test")
+        results = export_and_verify(
+            state.model,
+            self.recipe.export,
+            self.data,
+            self.out / "export",
+            torch_logits=torch_logits,
+            labels=labels,
+            metric=self.metric,
+            progress=progress,
+        )
+        self.report["export"] = results
+        failures = [f"{name}: {r['gate']['reason']}" for name, r in results.items() if not r["gate"]["passed"]]
+        if failures:
+            self.report["failed_stage"] = "export"
+            raise GateFailed("export failed its verification gate: " + "; ".join(failures))
+
+def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict[str, Any]:
+    recipe = load_recipe(recipe_path)
+    if options.seed is not None:
+        recipe.seed = options.seed
+    return Runner(recipe, options, str(recipe_path)).run()

@@ -1,0 +1,49 @@
+"""What flows between stages: the model with its masks, and the context a pass runs in."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from compress.data import DataSplits
+    from compress.progress import RunProgress
+
+CHECKPOINT_FORMAT = "compress.stage/1"
+
+
+@dataclass
+class ModelState:
+    model: nn.Module
+    # parameter name -> bool keep-mask; every later stage keeps masked weights at exactly zero
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Tensors and plain data only, so the checkpoint loads with weights_only=True."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, template: nn.Module, payload: dict[str, Any]) -> ModelState:
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a compress stage checkpoint (format {payload.get('format')!r})")
+        template.load_state_dict(payload["state_dict"])
+        device = next(template.parameters()).device
+        return cls(template, {k: v.to(device) for k, v in payload["masks"].items()})
+
+
+@dataclass
+class StageContext:
+    data: DataSplits
+    device: torch.device
+    seed: int
+    batch_size: int
+    progress: RunProgress
+    evaluate: Callable[[nn.Module], float]  # the validation metric, what gates see
+    stage_name: str = ""

@@ -1,0 +1,98 @@
+"""The one training loop (reference training, fine-tuning) and batched prediction."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from compress.data import make_loader
+from compress.progress import RunProgress
+from compress.sparsity import apply_masks, mask_gradients
+
+Schedule = Literal["onecycle", "cosine", "constant"]
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to +-max_shift pixels (edge-replicated), the augmentation the references use."""
+    if max_shift <= 0 or x.dim() != 4:
+        return x
+    batch, _, height, width = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (batch,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (batch,), generator=generator)
+    rows = (dy[:, None] + torch.arange(height))[:, :, None]  # B,H,1
+    cols = (dx[:, None] + torch.arange(width))[:, None, :]  # B,1,W
+    batch_index = torch.arange(batch)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    schedule: Schedule = "cosine",
+    shift: int = 0,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    masks: dict[str, torch.Tensor] | None = None,
+    progress: RunProgress | None = None,
+    description: str = "train",
+) -> None:
+    """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = len(make_loader(dataset, batch_size, shuffle=True, seed=seed, drop_last=False))
+    scheduler = make_scheduler(optimizer, schedule, lr, epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    progress = progress or RunProgress(quiet=True)
+    model.train()
+    with progress.task(description, epochs * steps_per_epoch) as advance:
+        for epoch in range(epochs):
+            loader = make_loader(dataset, batch_size, shuffle=True, seed=seed * 1009 + epoch)
+            running, seen = 0.0, 0
+            for inputs, labels in loader:
+                inputs = random_shift(inputs, shift, generator).to(device)
+                labels = labels.to(device)
+                loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                mask_gradients(model, masks or {})
+                optimizer.step()
+                apply_masks(model, masks or {})
+                scheduler.step()
+                running += loss.item() * len(labels)
+                seen += len(labels)
+                advance(1, f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
+    model.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device = torch.device("cpu")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split, on the CPU, in dataset order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for inputs, targets in make_loader(dataset, batch_size, shuffle=False):
+        logits.append(model(inputs.to(device)).float().cpu())
+        labels.append(targets)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)

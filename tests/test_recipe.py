@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from compress.errors import BadInput
+from compress.recipe import parse_recipe
+
+
+def test_defaults_fill_in(tiny_recipe: dict) -> None:
+    recipe = parse_recipe(tiny_recipe)
+    resolved = recipe.resolved()
+    assert resolved["stages"][0]["pass"] == "prune.magnitude"
+    assert resolved["stages"][0]["params"]["scope"] == "global"
+    assert resolved["data"]["split"] == {"val": 0.1, "test": 0.2, "seed": 0}
+    assert resolved["export"]["onnx"]["opset"] == 17
+
+
+def test_stage_params_are_typed(tiny_recipe: dict) -> None:
+    (config,) = parse_recipe(tiny_recipe).pass_configs()
+    assert config.sparsity == 0.5 and config.finetune.epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["stages"][0]["gate"].update(max_drop="abc"), "stages[0].gate.max_drop: expected a number"),
+        (lambda r: r.update(stagse=[]), "stagse: unknown key"),
+        (lambda r: r["stages"][0].update({"pass": "prune.nope"}), "stages[0].pass: unknown pass 'prune.nope'"),
+        (lambda r: r["stages"][0]["params"].update(sparsity=1.5), "stages[0].params.sparsity:"),
+        (lambda r: r["stages"][0]["params"].update(sparsty=0.5), "stages[0].params.sparsty: unknown key"),
+        (lambda r: r["stages"].append(dict(r["stages"][0])), "duplicate stage name 'prune'"),
+        (lambda r: r.pop("model"), "model: required field is missing"),
+        (lambda r: r["export"]["onnx"].update(opset=30), "export.onnx.opset:"),
+        (lambda r: r["model"].update(arch="resnet20"), "model.arch: expected builtin:NAME"),
+        (lambda r: r["stages"][0]["gate"].update(against="yesterday"), "stages[0].gate.against:"),
+        (lambda r: r["stages"][0].update(name="a/b"), "stages[0].name:"),
+        (lambda r: r.update(version=2), "version:"),
+    ],
+)
+def test_bad_recipes_name_the_field(tiny_recipe: dict, mutate, expected: str) -> None:
+    mutate(tiny_recipe)
+    with pytest.raises(BadInput) as info:
+        parse_recipe(tiny_recipe, "r.yaml")
+    message = str(info.value)
+    assert message.startswith("r.yaml: ") and expected in message
+    assert "\n" not in message
+
+
+def test_top_level_must_be_mapping() -> None:
+    with pytest.raises(BadInput, match="expected a mapping at the top level"):
+        parse_recipe([1, 2], "r.yaml")

@@ -1,0 +1,140 @@
+"""End-to-end runs of the tiny recipe on real data: the contracts of DESIGN.md, gates, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.errors import GateFailed
+from compress.runner import RunOptions, run_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _run(path: Path, out: Path, **kwargs) -> dict:
+    return run_recipe(path, RunOptions(out=out, quiet=True, **kwargs))
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "compress.cli", *args, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_run_writes_the_contract(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    report = _run(write_recipe(tiny_recipe), out)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["status"] == report["status"] == "passed"
+    stage = on_disk["stages"][0]
+    assert {"name", "pass", "metric", "drop", "gate", "seconds", "params", "params_nonzero", "sparsity"} <= set(stage)
+    # global 50% over every conv but the classifier: overall sparsity just under 0.5
+    assert 0.45 < stage["sparsity"] < 0.5
+    assert stage["params_nonzero"] < on_disk["baseline"]["params_nonzero"]
+    payload = torch.load(out / stage["checkpoint"], weights_only=True)
+    for key, mask in payload["masks"].items():
+        assert torch.all(payload["state_dict"][key][~mask] == 0), key
+    assert (out / "recipe.yaml").read_text().startswith("# recipe hash:")
+    assert "| prune | prune.magnitude |" in (out / "report.md").read_text()
+    fp32 = on_disk["export"]["fp32"]
+    assert (out / fp32["path"]).is_file() and fp32["size_bytes"] > 0
+    assert fp32["parity"]["top1_agreement"] >= 0.999
+    assert fp32["latency_ms"]["batch1"] > 0 and fp32["latency_ms"]["batch64"] > 0
+    assert fp32["gate"]["passed"]
+
+
+def test_second_run_resumes_and_changed_stage_reruns(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    tiny_recipe["export"] = None
+    tiny_recipe["stages"].append(
+        {"name": "more", "pass": "prune.magnitude", "params": {"sparsity": 0.6, "finetune": {"epochs": 1}}}
+    )
+    out = tmp_path / "run"
+    first = _run(write_recipe(tiny_recipe), out)
+    second = _run(write_recipe(tiny_recipe), out)
+    assert [s["resumed"] for s in second["stages"]] == [True, True]
+    assert [s["metric"] for s in second["stages"]] == [s["metric"] for s in first["stages"]]
+    tiny_recipe["stages"][1]["params"]["sparsity"] = 0.7
+    third = _run(write_recipe(tiny_recipe), out)
+    assert [s["resumed"] for s in third["stages"]] == [True, False]
+    assert third["stages"][1]["sparsity"] > second["stages"][1]["sparsity"]
+    fresh = _run(write_recipe(tiny_recipe), out, resume=False)
+    assert [s["resumed"] for s in fresh["stages"]] == [False, False]
+
+
+def test_gate_failure_exits_3_and_keeps_earlier_stages(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    tiny_recipe["stages"].append(
+        {
+            "name": "crush",
+            "pass": "prune.magnitude",
+            "params": {"sparsity": 0.99, "finetune": {"epochs": 0}},
+            "gate": {"max_drop": 0.001},
+        }
+    )
+    out = tmp_path / "run"
+    with pytest.raises(GateFailed):
+        _run(write_recipe(tiny_recipe), out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "gate_failed" and report["failed_stage"] == "crush"
+    assert report["stages"][-1]["gate"]["passed"] is False
+    assert (out / "stages" / "01-prune" / "model.pt").is_file()
+    assert (out / "stages" / "01-prune" / "metrics.json").is_file()
+    assert not (out / "stages" / "02-crush" / "metrics.json").exists()
+    assert not (out / "export").exists()
+
+    proc = _cli("run", str(write_recipe(tiny_recipe)), "--out", str(tmp_path / "cli"))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, output
+    assert "crush" in output and "Traceback" not in output
+
+
+def test_sigkill_in_second_stage_then_resume_matches_uninterrupted(
+    tiny_recipe: dict, write_recipe, tmp_path: Path
+) -> None:
+    tiny_recipe["stages"].append(
+        {"name": "recover", "pass": "prune.magnitude", "params": {"sparsity": 0.7, "finetune": {"epochs": 8}}}
+    )
+    recipe = write_recipe(tiny_recipe)
+    straight = _run(recipe, tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    proc = _cli("run", str(recipe), "--out", str(out))
+    first_done = out / "stages" / "01-prune" / "metrics.json"
+    deadline = time.time() + 240
+    while not first_done.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "first stage never finished"
+        time.sleep(0.05)
+    time.sleep(1.5)  # well inside the second stage's 8 fine-tuning epochs
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stages" / "02-recover" / "metrics.json").exists(), "killed too late to test anything"
+
+    resumed = _cli("run", str(recipe), "--out", str(out), "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["resumed"] for s in report["stages"]] == [True, False]
+    for key in ("metric", "test_metric", "sparsity", "params_nonzero"):
+        assert [s[key] for s in report["stages"]] == [s[key] for s in straight["stages"]], key
+    assert report["export"]["fp32"]["metric"] == straight["export"]["fp32"]["metric"]
+
+
+def test_torn_checkpoint_is_not_taken_as_finished(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    tiny_recipe["export"] = None
+    out = tmp_path / "run"
+    _run(write_recipe(tiny_recipe), out)
+    checkpoint = out / "stages" / "01-prune" / "model.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    again = _run(write_recipe(tiny_recipe), out)
+    assert again["stages"][0]["resumed"] is False
+    torch.load(checkpoint, weights_only=True)  # rewritten whole
