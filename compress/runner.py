@@ -150,7 +150,7 @@ class Runner:
         torch.manual_seed(self.recipe.seed)
         model = build_model(cfg, in_channels=channels, num_classes=self.data.num_classes, input_size=height)
         if cfg.checkpoint:
-            model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint)
+            model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint, arch=cfg.arch)
             source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
         else:
             source = obtain_reference(model, self.recipe, self.data, self.device, progress)

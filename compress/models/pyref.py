@@ -1,0 +1,64 @@
+"""Resolving `python:module:callable` references (models, datasets), and optional dependencies.
+
+Shared by compress.models and compress.data so that both report a bad reference the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+from typing import Any, Callable
+
+from compress.errors import BadInput
+
+
+def split_ref(ref: str, field: str) -> tuple[str, str]:
+    """`python:pkg.mod:fn` -> ("pkg.mod", "fn")."""
+    body = ref.removeprefix("python:")
+    module, sep, attr = body.rpartition(":")
+    if not sep or not module or not attr:
+        raise BadInput(f"{field}: expected python:module:callable, got {ref!r}")
+    return module, attr
+
+
+def _ensure_cwd_importable() -> None:
+    # `python -m` and pytest put the working directory on sys.path, an installed console script
+    # does not; a user's `python:mymodels:net` next to the recipe must import either way.
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+
+
+def import_callable(ref: str, field: str) -> Callable[..., Any]:
+    """Import the module of `python:module:callable` and return the callable; BadInput otherwise."""
+    module_name, attr = split_ref(ref, field)
+    _ensure_cwd_importable()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a user's module can fail to import in any way: report, never crash
+        raise BadInput(
+            f"{field}: cannot import module {module_name!r} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+    if target is None or not callable(target):
+        raise BadInput(f"{field}: module {module_name!r} has no callable {attr!r}")
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def require(module: str, extra: str, field: str, what: str) -> ModuleType:
+    """Import an optional dependency (torchvision, mlxtend, scikit-learn) or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BadInput(
+            f"{field}: {what} needs {module.split('.')[0]}, which is not installed "
+            f"(pip install 'compress[{extra}]'; {type(exc).__name__}: {_first_line(exc)})"
+        ) from None
