@@ -5,6 +5,7 @@ checked before the run directory is touched, so bad input leaves nothing half-wr
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -225,6 +226,7 @@ class Runner:
         atomic_torch_save(state.checkpoint(), baseline_dir / "model.pt")
         atomic_write_json(baseline_dir / "metrics.json", entry)
         self.report["baseline"] = entry
+        self.baseline_state = ModelState(copy.deepcopy(model).eval())
         self.baseline_key = stable_hash({"source": source, "seed": self.recipe.seed})
         progress.log(f"baseline: val {metric:.4f}, test {test_metric:.4f}")
         return state
@@ -274,6 +276,10 @@ class Runner:
             progress=progress,
             evaluate=lambda m: self.evaluator.score(m, "val"),
             stage_name=stage.name,
+            stage_dir=self.out / "stages" / stage_dir_name(index, stage.name),
+            recipe_dir=Path(self.recipe_path).resolve().parent if self.recipe_path else None,
+            baseline=self.baseline_state,
+            calibration_samples=self.recipe.data.calibration_samples,
         )
         started = time.perf_counter()
         result = spec.apply(state, config, ctx)

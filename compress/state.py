@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,3 +48,7 @@ class StageContext:
     progress: RunProgress
     evaluate: Callable[[nn.Module], float]  # the validation metric, what gates see
     stage_name: str = ""
+    stage_dir: Path | None = None  # where the stage may write artifacts (plots, tables) besides its checkpoint
+    recipe_dir: Path | None = None  # relative paths in pass params (a teacher checkpoint) mean "next to the recipe"
+    baseline: ModelState | None = None  # the model before the first stage (default teacher); do not modify
+    calibration_samples: int = 1024
