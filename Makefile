@@ -23,8 +23,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Each bench/*.py prints its table (ours and the peer's side by side); _*.py are shared helpers.
 bench: $(STAMP)
-	$(PY) bench/run.py
+	for f in bench/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache
