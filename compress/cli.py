@@ -109,6 +109,53 @@ def evaluate(
     Console().print(f"{model}: {split} metric {value:.4f}")
 
 
+@app.command()
+def gate(
+    report: Annotated[Path | None, typer.Argument(help="a run's report.json", show_default=False)] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", "-b", help="baseline JSON to compare with")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="also write JUnit XML, one test case per check")] = None,
+    tolerance: Annotated[
+        list[str] | None,
+        typer.Option("--tolerance", "-t", help="KEY=VALUE: metric (abs), size (rel), latency (rel), sparsity (abs)"),
+    ] = None,
+    write_baseline: Annotated[Path | None, typer.Option("--write-baseline", help="make a baseline from this report")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where --write-baseline writes")] = None,
+) -> None:
+    """CI regression gate: exit 0 when every check holds against the baseline, 3 when any fails."""
+    from rich.table import Table
+
+    from compress import regression
+    from compress.errors import BadInput, GateFailed
+
+    def check() -> None:
+        if write_baseline is not None:
+            if out is None:
+                raise BadInput("--write-baseline needs --out BASELINE.json")
+            regression.write_baseline(write_baseline, out)
+            Console().print(f"baseline written: {out}")
+            return
+        if report is None or baseline is None:
+            raise BadInput("gate needs REPORT and --baseline BASELINE.json (or --write-baseline REPORT --out FILE)")
+        checks = regression.run_gate(report, baseline, tolerance or [], junit)
+        table = Table(title=f"compress gate: {report}")
+        for column in ("check", "value", "baseline", "tolerance", "verdict"):
+            table.add_column(column, justify="left" if column == "check" else "right")
+        for c in checks:
+            table.add_row(c.name, _fmt(c.value), _fmt(c.baseline), c.tolerance, "pass" if c.passed else "FAIL",
+                          style=None if c.passed else "red")
+        Console(width=max(120, Console().width)).print(table)
+        failed = [c.name for c in checks if not c.passed]
+        if failed:
+            raise GateFailed(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
+        Console().print(f"all {len(checks)} checks passed")
+
+    guarded(check)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def main() -> None:
     app()
 

@@ -28,12 +28,32 @@ TINY_RECIPE = {
 }
 
 
+def _session_cache(factory: pytest.TempPathFactory) -> Path:
+    # One cache per test session: the tiny reference trains once, the tests still never touch ~/.cache.
+    return factory.getbasetemp() / "compress-cache"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # One cache per test session: the tiny reference trains once, the tests still never touch ~/.cache.
-    cache = tmp_path_factory.getbasetemp() / "compress-cache"
+    cache = _session_cache(tmp_path_factory)
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One real run of the tiny recipe (with export), shared by the tests that only read its outputs."""
+    import copy
+
+    from compress.runner import RunOptions, run_recipe
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    recipe = base / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(copy.deepcopy(TINY_RECIPE), sort_keys=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPRESS_CACHE_DIR", str(_session_cache(tmp_path_factory)))
+        report = run_recipe(recipe, RunOptions(out=base / "run", quiet=True))
+    return report, base / "run"
 
 
 @pytest.fixture

@@ -31,9 +31,8 @@ def _cli(*args: str) -> subprocess.Popen:
     )
 
 
-def test_run_writes_the_contract(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    report = _run(write_recipe(tiny_recipe), out)
+def test_run_writes_the_contract(tiny_run: tuple[dict, Path]) -> None:
+    report, out = tiny_run
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["status"] == report["status"] == "passed"
     stage = on_disk["stages"][0]
