@@ -152,6 +152,27 @@ def gate(
     guarded(check)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one run directory to redraw, or several to compare")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where a comparison is written")] = Path("comparison"),
+) -> None:
+    """Regenerate report.md, report.html and plots from report.json; with several runs, compare them."""
+    from compress.regression import read_json
+    from compress.report import render_reports, write_comparison
+
+    def make() -> None:
+        reports = {str(d): read_json(d / "report.json", "report") for d in run_dirs}
+        if len(run_dirs) == 1:
+            made = render_reports(reports[str(run_dirs[0])], run_dirs[0])
+            Console().print(f"wrote {run_dirs[0] / 'report.md'}, report.html and {len(made)} plots")
+            return
+        made = write_comparison(reports, out, Console(width=160))
+        Console().print("wrote " + ", ".join(str(p) for p in made))
+
+    guarded(make)
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 

@@ -1,8 +1,12 @@
 """report.json (the contract CI reads), report.md and the terminal table, all from one report dict."""
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from rich.console import Console
 from rich.table import Table
@@ -86,7 +90,7 @@ def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> st
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], plots: list[Path] | None = None) -> str:
     recipe = report.get("recipe", {})
     parts = [
         f"# compress run: {recipe.get('name', '?')}",
@@ -102,14 +106,126 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("export"):
         parts += ["", "## Export (ONNX Runtime, test split)", "", _markdown_table(EXPORT_COLUMNS, export_rows(report))]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     versions = report.get("versions", {})
-    parts += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    parts += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
+    parts += ["", "## Recipe", "", "```yaml", yaml.safe_dump(report.get("recipe", {}), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
+def _html_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any], plots: list[Path]) -> str:
+    """The markdown report's content as one self-contained page (images embedded)."""
+    recipe = report.get("recipe", {})
+    failed = f" (failed at {html.escape(report['failed_stage'])})" if report.get("failed_stage") else ""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>compress run: {html.escape(str(recipe.get('name', '?')))}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%;display:block;margin:1em 0}pre{background:#f6f6f6;padding:1em}</style></head><body>",
+        f"<h1>compress run: {html.escape(str(recipe.get('name', '?')))}</h1>",
+        f"<p>Status: <b>{html.escape(str(report.get('status')))}</b>{failed}</p>",
+        "<p>Metrics: <code>val</code> is the validation split the gates judge; <code>test</code> is the held-out split.</p>",
+        "<h2>Stages</h2>",
+        _html_table(STAGE_COLUMNS, stage_rows(report)),
+    ]
+    if report.get("export"):
+        parts += ["<h2>Export (ONNX Runtime, test split)</h2>", _html_table(EXPORT_COLUMNS, export_rows(report))]
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for plot in plots:
+            encoded = base64.b64encode(plot.read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(plot.stem)}' src='data:image/png;base64,{encoded}'>")
+    versions = report.get("versions", {})
+    parts += [
+        "<h2>Versions</h2>",
+        "<p>" + html.escape(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>",
+        "<h2>Recipe</h2>",
+        "<pre>" + html.escape(yaml.safe_dump(recipe, sort_keys=False)) + "</pre>",
+        "</body></html>",
+    ]
     return "\n".join(parts)
 
 
 def write_reports(report: dict[str, Any], out: Path) -> None:
     atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", render_markdown(report))
+    render_reports(report, out)
+
+
+def render_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    """report.md, report.html and the plots, all from the report dict (so they can be redrawn later)."""
+    from compress.plots import plot_run
+
+    plots = plot_run(report, out)
+    atomic_write_text(out / "report.md", render_markdown(report, plots))
+    atomic_write_text(out / "report.html", render_html(report, plots))
+    return plots
+
+
+COMPARE_COLUMNS = ("run", "status", "baseline test", "final stage test", "sparsity", "deployed", "deployed test", "size", "batch 1", "batch 64")
+
+
+def comparison_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for run, report in reports.items():
+        stages = report.get("stages") or []
+        final = stages[-1] if stages else report.get("baseline") or {}
+        exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {})}
+        # the deployed file: the smallest exported one
+        deployed_fmt = min(exports, key=lambda k: exports[k].get("size_bytes", 0)) if exports else None
+        deployed = exports.get(deployed_fmt, {}) if deployed_fmt else {}
+        rows.append(
+            {
+                "run": run,
+                "status": report.get("status"),
+                "baseline_test": (report.get("baseline") or {}).get("test_metric"),
+                "final_test": final.get("test_metric"),
+                "sparsity": final.get("sparsity"),
+                "format": deployed_fmt,
+                "metric": deployed.get("metric"),
+                "size_bytes": deployed.get("size_bytes"),
+                "latency_ms": deployed.get("latency_ms") or {},
+            }
+        )
+    return rows
+
+
+def _comparison_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    latency = row["latency_ms"]
+    return (
+        row["run"], str(row["status"]), _pct(row["baseline_test"]), _pct(row["final_test"]), _pct(row["sparsity"]),
+        row["format"] or "-", _pct(row["metric"]), _size(row["size_bytes"]),
+        f"{latency['batch1']:.3f} ms" if "batch1" in latency else "-",
+        f"{latency['batch64']:.3f} ms" if "batch64" in latency else "-",
+    )
+
+
+def write_comparison(reports: dict[str, dict[str, Any]], out: Path, console: Console) -> list[Path]:
+    from compress.plots import plot_comparison
+
+    rows = comparison_rows(reports)
+    cells = [_comparison_cells(r) for r in rows]
+    chart = plot_comparison(rows, out / "plots" / "comparison.png")
+    md = ["# compress runs compared", "", _markdown_table(COMPARE_COLUMNS, cells)]
+    if chart:
+        md += ["", f"![comparison](plots/{chart.name})"]
+    atomic_write_text(out / "comparison.md", "\n".join(md) + "\n")
+    table = Table(title="compress runs compared")
+    for column in COMPARE_COLUMNS:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    return [out / "comparison.md"] + ([chart] if chart else [])
 
 
 def print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
