@@ -1,6 +1,7 @@
 """The `compress` command line. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 a gate failed."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,10 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 T = TypeVar("T")
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mnist-resnet20.yaml"
+def recipes_dir() -> Path:
+    """The shipped recipes: next to the package in a checkout, or where COMPRESS_RECIPES points (Docker)."""
+    configured = os.environ.get("COMPRESS_RECIPES")
+    return Path(configured) if configured else Path(__file__).resolve().parent.parent / "recipes"
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -75,7 +79,7 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """The default recipe (ResNet-20 on real MNIST digits: prune, gate, export) end to end."""
-    _run(DEMO_RECIPE, out, resume, device, None, False, quiet)
+    _run(recipes_dir() / "mnist-resnet20.yaml", out, resume, device, None, False, quiet)
 
 
 @app.command()
