@@ -181,8 +181,38 @@ def _fmt(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def main() -> None:
-    app()
+def main() -> int:
+    """Entry point: flag mistakes become one line and exit 2, like every other bad input."""
+    usage_error, exit_types, abort_types = _cli_exceptions()
+    try:
+        result = app(standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        name = ctx.command.name if ctx is not None else None
+        where = f"compress {name}" if name and name != "compress" else "compress"
+        message = exc.format_message()
+        if message:  # empty when the help text was shown instead (bare `compress`)
+            err_console.print(f"[bold red]error:[/] {where}: {message}", highlight=False, soft_wrap=True)
+        return 2
+    except exit_types as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except abort_types:
+        err_console.print("aborted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _cli_exceptions() -> tuple[type[Exception], tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """Typer >= 0.20 vendors click as typer._click; older releases use click itself."""
+    try:
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        import click.exceptions as click_exceptions  # type: ignore[no-redef]
+    return (
+        click_exceptions.UsageError,
+        (typer.Exit, click_exceptions.Exit) if hasattr(click_exceptions, "Exit") else (typer.Exit,),
+        (typer.Abort, click_exceptions.Abort) if hasattr(click_exceptions, "Abort") else (typer.Abort,),
+    )
 
 
 if __name__ == "__main__":
