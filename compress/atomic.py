@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compress.faults import pause_point
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -34,6 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> str:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        pause_point(f"write:{path.name}")
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

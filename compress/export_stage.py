@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress.atomic import atomic_write_json
+from compress.faults import pause_point
 from compress.data import DataSplits, dataset_tensors
 from compress.metrics import MetricFn
 from compress.progress import RunProgress
@@ -41,6 +42,7 @@ def export_and_verify(
             path = out_dir / f"model.{precision}.onnx"
             advance(0, f"{precision}: torch -> ONNX")
             export_onnx(model, example, path, opset=cfg.onnx.opset)
+            pause_point(f"exported:{path.name}")
             advance(1, f"{precision}: accuracy in ONNX Runtime")
             session = ort_session(path, threads=cfg.verify.threads)
             onnx_logits = predict(session, test_inputs.numpy())
