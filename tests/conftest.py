@@ -71,3 +71,15 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _session_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_template() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_RECIPE)
