@@ -100,12 +100,29 @@ class StageConfig(StrictModel):
 
 class OnnxConfig(StrictModel):
     opset: int = Field(17, ge=13, le=21)
-    precisions: list[Literal["fp32"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    precisions: list[Literal["fp32", "fp16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    io_fp16: bool = Field(False, description="fp16 files take and return fp16 (default: fp32 I/O, casts inside)")
 
 
 class TensorRTConfig(StrictModel):
-    build: Literal["auto", "always", "never"] = "auto"
+    build: Literal["auto", "required", "never"] = "auto"
     sparse_weights: bool = True
+    # (min, opt, max) of the engine's dynamic batch: tuned for batch 1 (edge latency), up to the report's 64
+    batch: tuple[int, int, int] = (1, 1, 64)
+    workspace_mb: int | None = Field(None, ge=1)
+    dla_core: int | None = Field(None, ge=0, description="build for this DLA core, with GPU fallback")
+
+    @field_validator("build", mode="before")
+    @classmethod
+    def _always_means_required(cls, build: Any) -> Any:
+        return "required" if build == "always" else build  # the spelling before `required`
+
+    @field_validator("batch")
+    @classmethod
+    def _ordered_batch(cls, batch: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not 1 <= batch[0] <= batch[1] <= batch[2]:
+            raise ValueError(f"expected [min, opt, max] with 1 <= min <= opt <= max, got {list(batch)}")
+        return batch
 
 
 class VerifyConfig(StrictModel):
@@ -198,7 +215,9 @@ def format_loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            # a key with spaces, dots or control characters is shown quoted, so the path stays one line
+            text = str(part) if re.fullmatch(r"[A-Za-z0-9_-]+", str(part)) else repr(str(part))
+            out += ("." if out else "") + text
     return out or "(top level)"
 
 
@@ -233,7 +252,7 @@ def validation_message(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> st
     line = f"{format_loc(loc)}: {_describe(first)}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return line
+    return " ".join(line.splitlines())
 
 
 def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:

@@ -10,6 +10,7 @@ from torch import nn
 
 from compress.atomic import atomic_torch_save
 from compress.data import DataSplits
+from compress.distributed import barrier, is_main
 from compress.progress import RunProgress
 from compress.recipe import Recipe, stable_hash
 from compress.train import fit
@@ -78,5 +79,7 @@ def obtain_reference(
         description="reference: train",
     )
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"format": REFERENCE_FORMAT, "key": key, "state_dict": state_dict}, path)
+    if is_main():  # under torchrun all ranks trained the same model together; one writes it
+        atomic_torch_save({"format": REFERENCE_FORMAT, "key": key, "state_dict": state_dict}, path)
+    barrier()
     return {"source": "reference", "cached": False, "path": str(path), "key": key}

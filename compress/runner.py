@@ -18,6 +18,7 @@ import yaml
 from torch import nn
 
 import compress
+from compress import distributed
 from compress.atomic import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from compress.data import DataSplits, load_data
 from compress.errors import BadInput, GateFailed
@@ -50,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise BadInput("--device cuda: CUDA is not available on this machine")
+        if distributed.launched_by_torchrun():
+            return torch.device("cuda", distributed.local_rank())  # one GPU per process
         return torch.device("cuda")
     raise BadInput(f"--device: expected cpu or cuda, got {name!r}")
 
@@ -127,6 +130,8 @@ class Runner:
         self.options = options
         self.recipe_path = recipe_path
         self.device = resolve_device(options.device)
+        # under torchrun every rank runs the whole recipe in step; only rank 0 writes files and prints
+        distributed.init_from_env(self.device.type)
         self.metric = resolve_metric(recipe.metric)
         self.out = options.out or Path("runs") / recipe.name
         check_output_dir(self.out)
@@ -178,15 +183,16 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        with RunProgress(quiet=self.options.quiet) as progress:
+        with RunProgress(quiet=self.options.quiet or not distributed.is_main()) as progress:
             model, source = self.load_model(progress)
-            self.out.mkdir(parents=True, exist_ok=True)
             resolved = self.recipe.resolved()
             recipe_hash = stable_hash(resolved)
-            atomic_write_text(
-                self.out / "recipe.yaml",
-                f"# recipe hash: {recipe_hash}\n" + yaml.safe_dump(resolved, sort_keys=False),
-            )
+            if distributed.is_main():
+                self.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(
+                    self.out / "recipe.yaml",
+                    f"# recipe hash: {recipe_hash}\n" + yaml.safe_dump(resolved, sort_keys=False),
+                )
             self.report = {
                 "status": "running",
                 "recipe": resolved,
@@ -212,8 +218,9 @@ class Runner:
                 if self.report["status"] == "running":
                     self.report["status"] = "error"
                 self.report["seconds"] = time.perf_counter() - started
-                write_reports(self.report, self.out)
-                print_summary(self.report, self.out, progress.console)
+                if distributed.is_main():
+                    write_reports(self.report, self.out)
+                    print_summary(self.report, self.out, progress.console)
         return self.report
 
     def _baseline(self, model: nn.Module, source: dict[str, Any], progress: RunProgress) -> ModelState:
@@ -223,8 +230,9 @@ class Runner:
         stats = sparsity_stats(model)
         entry = {"metric": metric, "test_metric": test_metric, **stats, **source}
         baseline_dir = self.out / "baseline"
-        atomic_torch_save(state.checkpoint(), baseline_dir / "model.pt")
-        atomic_write_json(baseline_dir / "metrics.json", entry)
+        if distributed.is_main():
+            atomic_torch_save(state.checkpoint(), baseline_dir / "model.pt")
+            atomic_write_json(baseline_dir / "metrics.json", entry)
         self.report["baseline"] = entry
         self.baseline_state = ModelState(copy.deepcopy(model).eval())
         self.baseline_key = stable_hash({"source": source, "seed": self.recipe.seed})
@@ -251,8 +259,9 @@ class Runner:
             entry["gate"] = check_gate(stage.gate, entry["metric"], baseline=baseline_metric, previous=previous_metric)
             entry["drop"] = entry["gate"]["drop"]
             passed = entry["gate"]["passed"]
-            if loaded is None and (passed or stage.gate.on_fail == "continue"):
+            if loaded is None and (passed or stage.gate.on_fail == "continue") and distributed.is_main():
                 store.save(key, state, entry)
+            distributed.barrier()  # a stage's files are complete before any rank moves on
             self.report["stages"].append(entry)
             if not passed:
                 if stage.gate.on_fail == "stop":
@@ -305,17 +314,21 @@ class Runner:
     def _export(self, state: ModelState, progress: RunProgress) -> None:
         from compress.export_stage import export_and_verify
 
-        torch_logits, labels = self.evaluator.logits(state.model, "test")
-        results = export_and_verify(
-            state.model,
-            self.recipe.export,
-            self.data,
-            self.out / "export",
-            torch_logits=torch_logits,
-            labels=labels,
-            metric=self.metric,
-            progress=progress,
-        )
+        results = None
+        if distributed.is_main():
+            torch_logits, labels = self.evaluator.logits(state.model, "test")
+            results = export_and_verify(
+                state.model,
+                self.recipe.export,
+                self.data,
+                self.out / "export",
+                torch_logits=torch_logits,
+                labels=labels,
+                metric=self.metric,
+                progress=progress,
+            )
+        # every rank ends with the same verdict (and exit code) as rank 0, which alone exported
+        results = distributed.broadcast_object(results)
         self.report["export"] = results
         failures = [f"{name}: {r['gate']['reason']}" for name, r in results.items() if not r["gate"]["passed"]]
         if failures:
@@ -326,4 +339,7 @@ def run_recipe(recipe_path: str | Path, options: RunOptions) -> dict[str, Any]:
     recipe = load_recipe(recipe_path)
     if options.seed is not None:
         recipe.seed = options.seed
-    return Runner(recipe, options, str(recipe_path)).run()
+    try:
+        return Runner(recipe, options, str(recipe_path)).run()
+    finally:
+        distributed.shutdown()

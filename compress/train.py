@@ -9,24 +9,36 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compress.data import make_loader
+from compress.distributed import average_buffers, epoch_shards, reduce_gradients, shard_loader
 from compress.progress import RunProgress
 from compress.sparsity import apply_masks, mask_gradients
 
 Schedule = Literal["onecycle", "cosine", "constant"]
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to +-max_shift pixels (edge-replicated), the augmentation the references use."""
+def random_shift(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator, *, of: int | None = None, start: int = 0
+) -> torch.Tensor:
+    """Shift each image by up to +-max_shift pixels (edge-replicated), the augmentation the references use.
+
+    `x` may be rows start..start+len(x) of a global batch of `of` images (one process's share): the
+    shifts are drawn for the whole batch, so every process draws alike and the shares add up to what
+    one process would have drawn.
+    """
     if max_shift <= 0 or x.dim() != 4:
         return x
     batch, _, height, width = x.shape
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy = torch.randint(0, 2 * max_shift + 1, (batch,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (batch,), generator=generator)
+    drawn = of or batch
+    dy = torch.randint(0, 2 * max_shift + 1, (drawn,), generator=generator)[start : start + batch]
+    dx = torch.randint(0, 2 * max_shift + 1, (drawn,), generator=generator)[start : start + batch]
     rows = (dy[:, None] + torch.arange(height))[:, :, None]  # B,H,1
     cols = (dx[:, None] + torch.arange(width))[:, None, :]  # B,1,W
     batch_index = torch.arange(batch)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifted = padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
+    # not .contiguous(): with one channel that keeps strides like (HW, 1, W, 1), which torch counts as
+    # contiguous and this torch's CPU conv backward corrupts the heap on (abort with 1 thread)
+    return shifted.clone(memory_format=torch.contiguous_format)
 
 
 def make_scheduler(
@@ -56,23 +68,28 @@ def fit(
     progress: RunProgress | None = None,
     description: str = "train",
 ) -> None:
-    """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout."""
+    """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout.
+
+    Under torchrun every process trains on its share of each global batch of `batch_size`
+    (compress.distributed), and the update equals one process's on the whole batch.
+    """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = len(make_loader(dataset, batch_size, shuffle=True, seed=seed, drop_last=False))
+    steps_per_epoch = len(epoch_shards(len(dataset), batch_size, seed))
     scheduler = make_scheduler(optimizer, schedule, lr, epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     progress = progress or RunProgress(quiet=True)
     model.train()
     with progress.task(description, epochs * steps_per_epoch) as advance:
         for epoch in range(epochs):
-            loader = make_loader(dataset, batch_size, shuffle=True, seed=seed * 1009 + epoch)
+            shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
             running, seen = 0.0, 0
-            for inputs, labels in loader:
-                inputs = random_shift(inputs, shift, generator).to(device)
+            for shard, (inputs, labels) in zip(shards, shard_loader(dataset, shards)):
+                inputs = random_shift(inputs, shift, generator, of=shard.batch_size, start=shard.start).to(device)
                 labels = labels.to(device)
                 loss = F.cross_entropy(model(inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                reduce_gradients([p.grad for p in model.parameters()], shard.share)
                 mask_gradients(model, masks or {})
                 optimizer.step()
                 apply_masks(model, masks or {})
@@ -80,6 +97,7 @@ def fit(
                 running += loss.item() * len(labels)
                 seen += len(labels)
                 advance(1, f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
+            average_buffers(model)
     model.eval()
 
 

@@ -1,0 +1,295 @@
+"""distill.dot: train the current model (the student) against a teacher, with the DOT optimizer by default.
+
+The stage is how a pruned or otherwise shrunk model recovers accuracy, and how a teacher trains a smaller
+student (ALGORITHMS.md section 4). `trainer: kd` (one SGD-momentum optimizer on the summed loss) and
+`trainer: ce` (cross-entropy alone, no teacher) run the same loop, data order and schedule, so the
+benefit of distillation and of DOT is measured in the same recipe. Pruning masks stay enforced, so the
+sparsity a stage came in with is the sparsity it leaves with. Runs data-parallel under torchrun.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from compress.atomic import atomic_torch_save
+from compress.distributed import (
+    average_buffers,
+    epoch_shards,
+    is_main,
+    reduce_gradients,
+    shard_loader,
+    world_size,
+)
+from compress.errors import BadInput
+from compress.models import build_model, load_checkpoint
+from compress.optim import DOT
+from compress.passes.registry import PassResult, register_pass
+from compress.progress import RunProgress
+from compress.recipe import SOURCE_PREFIXES, ModelConfig, StrictModel
+from compress.sparsity import apply_masks
+from compress.state import ModelState, StageContext
+from compress.train import make_scheduler, random_shift
+
+OPTIMIZER_FORMAT = "compress.distill.optimizer/1"
+TEACHER_CHOICES = ("baseline", "previous")
+
+
+class DistillDotConfig(StrictModel):
+    # defaults: DOT's CIFAR setting (ALGORITHMS.md section 4); ImageNet-like data wants T=1, w_ce=w_kd=0.5
+    epochs: int = Field(5, ge=0, le=1000)
+    lr: float = Field(0.05, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(0.1, ge=0, description="weight of the task (cross-entropy) loss")
+    w_kd: float = Field(0.9, ge=0, description="weight of the distillation loss (KL at T, times T^2)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    delta: float = Field(0.075, ge=0, lt=1, description="DOT: task momentum mu - delta, distillation mu + delta")
+    weight_decay: float = Field(5e-4, ge=0)
+    trainer: Literal["dot", "kd", "ce"] = "dot"
+    teacher: str = Field("baseline", description="baseline | previous | builtin:NAME | torchvision:NAME | python:module:callable")
+    teacher_kwargs: dict[str, Any] = Field(default_factory=dict)
+    teacher_checkpoint: str | None = Field(None, description="the teacher's weights; relative paths are next to the recipe")
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of training")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    shift: int = Field(0, ge=0, le=8, description="random +-pixel shifts (augmentation)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillDotConfig:
+        if self.momentum + self.delta >= 1 or self.momentum - self.delta < 0:
+            raise ValueError(
+                f"delta: momentum +- delta must lie in [0, 1), got momentum {self.momentum}, delta {self.delta}"
+            )
+        if any(not 0 < m < 1 for m in self.step_milestones):
+            raise ValueError(f"step_milestones: expected fractions of training in (0, 1), got {self.step_milestones}")
+        is_source = self.teacher.startswith(SOURCE_PREFIXES)
+        if self.teacher not in TEACHER_CHOICES and not is_source:
+            raise ValueError(
+                "teacher: expected baseline, previous, builtin:NAME, torchvision:NAME or "
+                f"python:module:callable, got {self.teacher!r}"
+            )
+        if not is_source and (self.teacher_checkpoint or self.teacher_kwargs):
+            field_name = "teacher_checkpoint" if self.teacher_checkpoint else "teacher_kwargs"
+            raise ValueError(f"{field_name}: only applies when teacher is a model source, not {self.teacher!r}")
+        if self.teacher.startswith(("builtin:", "torchvision:")) and not self.teacher_checkpoint:
+            # these are built with random weights; an untrained teacher would only teach noise
+            raise ValueError(f"teacher_checkpoint: required with teacher {self.teacher!r} (its trained weights)")
+        return self
+
+
+@dataclass
+class DistillRun:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch_seconds: list[float] = field(default_factory=list)
+    last_loss: float = math.nan
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean, times T^2 so its gradient scale does not shrink with T."""
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
+
+
+def _gradients(
+    student: nn.Module, teacher: nn.Module | None, x: Tensor, y: Tensor, params: list[Tensor], cfg: DistillDotConfig
+) -> tuple[list[list[Tensor | None]], float]:
+    """The trainer's gradient sets from one forward of the student: [task, kd] for dot, one set otherwise."""
+    logits = student(x)
+    task = F.cross_entropy(logits, y)
+    if cfg.trainer == "ce":
+        return [list(torch.autograd.grad(task, params, allow_unused=True))], task.item()
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    distill = kd_loss(logits, teacher_logits, cfg.temperature)
+    task, distill = cfg.w_ce * task, cfg.w_kd * distill
+    if cfg.trainer == "kd":
+        total = task + distill
+        return [list(torch.autograd.grad(total, params, allow_unused=True))], total.item()
+    # two gradients of one graph: the second backward reuses the forward's saved activations
+    g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+    g_kd = torch.autograd.grad(distill, params, allow_unused=True)
+    return [list(g_task), list(g_kd)], task.item() + distill.item()
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, cfg: DistillDotConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return make_scheduler(optimizer, "cosine", cfg.lr, total_steps)
+    milestones = [m * total_steps for m in cfg.step_milestones]
+    # LambdaLR, not MultiStepLR: its state_dict holds no Counter, so it loads with weights_only=True
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cfg.step_gamma ** sum(step >= m for m in milestones)
+    )
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    dataset: Dataset,
+    cfg: DistillDotConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device = torch.device("cpu"),
+    masks: dict[str, Tensor] | None = None,
+    progress: RunProgress | None = None,
+    description: str = "distill",
+) -> DistillRun:
+    """Train `student` in place; masked weights stay exactly zero. Data-parallel under torchrun: each
+    gradient set is reduced on its own, so the update equals one process's on the global batch."""
+    masks = masks or {}
+    named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    keep = [masks.get(name) for name, _ in named]
+    if cfg.trainer == "dot":
+        optimizer: torch.optim.Optimizer = DOT(
+            params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.delta, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_shards(len(dataset), batch_size, seed))
+    scheduler = _scheduler(optimizer, cfg, max(1, cfg.epochs * steps_per_epoch))
+    run = DistillRun(optimizer, scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    progress = progress or RunProgress(quiet=True)
+    with progress.task(description, cfg.epochs * steps_per_epoch) as advance:
+        for epoch in range(cfg.epochs):
+            started = time.perf_counter()
+            student.train()
+            shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
+            running = 0.0
+            for step, (shard, (x, y)) in enumerate(zip(shards, shard_loader(dataset, shards)), start=1):
+                x = random_shift(x, cfg.shift, generator, of=shard.batch_size, start=shard.start).to(device)
+                grad_sets, loss = _gradients(student, teacher, x, y.to(device), params, cfg)
+                for grads in grad_sets:
+                    reduce_gradients(grads, shard.share)
+                    for grad, mask in zip(grads, keep):
+                        if grad is not None and mask is not None:
+                            grad.mul_(mask.to(grad.dtype))
+                if cfg.trainer == "dot":
+                    optimizer.step(*grad_sets)
+                else:
+                    for p, grad in zip(params, grad_sets[0]):
+                        p.grad = grad
+                    optimizer.step()
+                apply_masks(student, masks)
+                scheduler.step()
+                running += loss
+                advance(1, f"epoch {epoch + 1}/{cfg.epochs} loss {running / step:.4f}")
+            average_buffers(student)
+            run.epoch_seconds.append(time.perf_counter() - started)
+            run.last_loss = running / max(1, len(shards))
+    student.eval()
+    return run
+
+
+def _source_teacher(cfg: DistillDotConfig, ctx: StageContext) -> nn.Module:
+    channels, height, _ = ctx.data.input_shape
+    where = f"stage {ctx.stage_name!r}: params"
+    try:
+        teacher = build_model(
+            ModelConfig(arch=cfg.teacher, kwargs=cfg.teacher_kwargs),
+            in_channels=channels,
+            num_classes=ctx.data.num_classes,
+            input_size=height,
+        )
+    except BadInput as exc:
+        # build_model names the recipe's model fields; here they are the teacher's
+        raise BadInput(f"{where}.{str(exc).replace('model.arch', 'teacher').replace('model.kwargs', 'teacher_kwargs')}") from None
+    if cfg.teacher_checkpoint:
+        path = Path(cfg.teacher_checkpoint)
+        if not path.is_absolute() and ctx.recipe_dir is not None:
+            path = ctx.recipe_dir / path
+        if not path.is_file():
+            raise BadInput(f"{where}.teacher_checkpoint: file not found: {path}")
+        try:
+            teacher = load_checkpoint(teacher, path, arch=cfg.teacher)
+        except BadInput as exc:
+            raise BadInput(f"{where}.teacher_checkpoint: {exc}") from None
+    return teacher
+
+
+def resolve_teacher(cfg: DistillDotConfig, state: ModelState, ctx: StageContext) -> nn.Module:
+    """A private, frozen copy: the baseline must stay as it was, and `previous` must not follow the student."""
+    if cfg.teacher == "baseline":
+        if ctx.baseline is None:
+            raise BadInput(f"stage {ctx.stage_name!r}: params.teacher: no baseline model in this context")
+        teacher = copy.deepcopy(ctx.baseline.model)
+    elif cfg.teacher == "previous":
+        teacher = copy.deepcopy(state.model)
+    else:
+        teacher = _source_teacher(cfg, ctx)
+    teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+    example = ctx.data.train[0][0].unsqueeze(0).to(ctx.device)
+    try:
+        with torch.no_grad():
+            got, want = teacher(example).shape, state.model.eval()(example).shape
+    except Exception as exc:
+        raise BadInput(f"stage {ctx.stage_name!r}: params.teacher: {cfg.teacher} cannot take the data's input ({type(exc).__name__}: {exc})") from None
+    if got != want:
+        raise BadInput(
+            f"stage {ctx.stage_name!r}: params.teacher: {cfg.teacher} gives logits of shape {tuple(got)}, "
+            f"the student {tuple(want)}"
+        )
+    return teacher
+
+
+@register_pass("distill.dot", DistillDotConfig)
+def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> PassResult:
+    teacher = None if cfg.trainer == "ce" else resolve_teacher(cfg, state, ctx)
+    metric_before = ctx.evaluate(state.model)
+    info: dict[str, Any] = {
+        "trainer": cfg.trainer,
+        "teacher": None if teacher is None else cfg.teacher,
+        "teacher_metric": None if teacher is None else ctx.evaluate(teacher),
+        "metric_before_distill": metric_before,
+        "world_size": world_size(),
+    }
+    run = distill(
+        state.model,
+        teacher,
+        ctx.data.train,
+        cfg,
+        batch_size=ctx.batch_size,
+        seed=ctx.seed,
+        device=ctx.device,
+        masks=state.masks,
+        progress=ctx.progress,
+        description=f"{ctx.stage_name}: distill ({cfg.trainer})",
+    )
+    info["seconds_per_epoch"] = sum(run.epoch_seconds) / len(run.epoch_seconds) if run.epoch_seconds else 0.0
+    info["final_loss"] = run.last_loss
+    if ctx.stage_dir is not None:
+        # optimizer and schedule state beside the stage checkpoint: what a continued stage starts from
+        path = ctx.stage_dir / "optimizer.pt"
+        if is_main():
+            atomic_torch_save(
+                {
+                    "format": OPTIMIZER_FORMAT,
+                    "trainer": cfg.trainer,
+                    "epochs_done": cfg.epochs,
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                },
+                path,
+            )
+        info["optimizer_state"] = str(Path("stages") / ctx.stage_dir.name / path.name)
+    return PassResult(state, info)
