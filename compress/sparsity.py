@@ -1,6 +1,7 @@
 """Masks and sparsity bookkeeping shared by every pass that zeroes weights."""
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatch
 from typing import Any, Literal
 
@@ -49,14 +50,7 @@ def magnitude_masks(
 
     Already-pruned weights score 0, so sparsity only grows across calls.
     """
-    existing = existing or {}
-    scores = {}
-    for name, module in layers.items():
-        weight = module.weight.detach().abs()
-        key = f"{name}.weight"
-        if key in existing:
-            weight = weight * existing[key]
-        scores[key] = weight
+    scores = _masked_scores(layers, existing or {})
     if scope == "layer":
         return {key: _keep_largest(score, sparsity) for key, score in scores.items()}
     flat = torch.cat([score.flatten() for score in scores.values()])
@@ -118,3 +112,144 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
         "size_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         "layer_sparsity": per_layer,
     }
+
+
+# --- N:M (2:4) -------------------------------------------------------------------------------------------
+
+NmRule = Literal["asp", "divisible"]
+
+
+def nm_ineligible_reason(weight: torch.Tensor, n: int, m: int, rule: NmRule) -> str | None:
+    """Why a layer cannot take the N:M pattern along its input channels, or None if it can.
+
+    `divisible` only asks that the input channels split into groups of m. `asp` is NVIDIA ASP's rule
+    for the sparse tensor-core kernels: out-channels % 8 == 0 and in-channels % 16 == 0.
+    """
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    if in_channels % m:
+        return f"{in_channels} input channels (per group) are not a multiple of m={m}"
+    if rule == "asp" and (out_channels % 8 or in_channels % 16):
+        return (
+            f"NVIDIA ASP rule (out % 8 == 0 and in % 16 == 0) fails for "
+            f"{out_channels} out x {in_channels} in channels"
+        )
+    return None
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest scores in every group of m consecutive input channels.
+
+    A conv weight [K, C, R, S] is grouped along C at each (k, r, s), the layout NVIDIA's sparse tensor
+    cores read; a linear weight [K, C] along C.
+    """
+    channels_last = scores.movedim(1, -1)
+    groups = channels_last.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    return keep.reshape(channels_last.shape).movedim(-1, 1).contiguous()
+
+
+def nm_masks(
+    layers: dict[str, nn.Module],
+    n: int,
+    m: int,
+    rule: NmRule,
+    existing: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """N:M keep-masks for every eligible layer, and {layer: reason} for those that cannot take it."""
+    scores = _masked_scores(layers, existing or {})
+    masks: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    for name, module in layers.items():
+        reason = nm_ineligible_reason(module.weight, n, m, rule)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        masks[f"{name}.weight"] = nm_mask(scores[f"{name}.weight"], n, m)
+    return masks, skipped
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Groups of m input channels holding more than n nonzeros (0 means the pattern holds)."""
+    groups = (weight.detach() != 0).movedim(1, -1).reshape(-1, m)
+    return int((groups.sum(dim=1) > n).sum().item())
+
+
+# --- randomized magnitude pruning (Guha et al. 2023) -----------------------------------------------------
+
+
+def randomized_masks(
+    layers: dict[str, nn.Module],
+    sparsity: float,
+    scope: Literal["global", "layer"],
+    generator: torch.Generator,
+    alpha: float | None = None,
+    existing: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Keep each weight with probability 1 - exp(-w^2 / (alpha * Var(W))), W its layer; no rescaling.
+
+    Without an explicit alpha, alpha is solved (one for all layers, or one per layer) so that the
+    expected pruned fraction equals `sparsity`; the realised fraction is random around it.
+    Returns the masks and the alpha used per layer.
+    """
+    existing = existing or {}
+    # z = w^2 / Var(W): the seed paper's scale-free magnitude; an all-zero layer is pruned whole
+    z = {}
+    for name, module in layers.items():
+        key = f"{name}.weight"
+        weight = module.weight.detach()
+        if key in existing:
+            weight = weight * existing[key]
+        variance = float(weight.var(unbiased=False))  # of the signed weights, not of |w|
+        z[key] = weight.square() / variance if variance > 0 else torch.zeros_like(weight)
+    if alpha is not None:
+        alphas = {key: alpha for key in z}
+    elif scope == "layer":
+        alphas = {key: _solve_alpha([value], sparsity) for key, value in z.items()}
+    else:
+        shared = _solve_alpha(list(z.values()), sparsity)
+        alphas = {key: shared for key in z}
+    masks = {}
+    for key, value in z.items():
+        keep_probability = 1 - torch.exp(-value / alphas[key])
+        draw = torch.rand(value.shape, generator=generator).to(value.device)
+        masks[key] = draw < keep_probability
+    return masks, {key.removesuffix(".weight"): value for key, value in alphas.items()}
+
+
+def _solve_alpha(z: list[torch.Tensor], sparsity: float) -> float:
+    """alpha with mean(exp(-z / alpha)) == sparsity, by bisection on log(alpha) (the mean rises with alpha)."""
+    flat = torch.cat([value.flatten() for value in z]).double()
+    low, high = -30.0, 30.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        if float(torch.exp(-flat / math.exp(middle)).mean()) < sparsity:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
+
+
+def _masked_scores(layers: dict[str, nn.Module], existing: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """|w| per layer weight, with weights an earlier stage pruned scoring 0 so they are pruned first."""
+    scores = {}
+    for name, module in layers.items():
+        key = f"{name}.weight"
+        score = module.weight.detach().abs()
+        if key in existing:
+            score = score * existing[key]
+        scores[key] = score
+    return scores
+
+
+def merge_masks(masks: dict[str, torch.Tensor], new_masks: dict[str, torch.Tensor]) -> None:
+    """AND new keep-masks into `masks`: a weight pruned by an earlier stage stays pruned."""
+    for key, mask in new_masks.items():
+        masks[key] = mask & masks[key] if key in masks else mask
+
+
+def targeted_sparsity(layers: dict[str, nn.Module]) -> tuple[float, int, int]:
+    """(fraction of zeros, zeros, total) over the weights of `layers`."""
+    zeros = sum(int((module.weight == 0).sum()) for module in layers.values())
+    total = sum(module.weight.numel() for module in layers.values())
+    return (zeros / total if total else 0.0), zeros, total

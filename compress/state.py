@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compress.structure import apply_structure, structure_record
+
 if TYPE_CHECKING:
     from compress.data import DataSplits
     from compress.progress import RunProgress
@@ -28,12 +30,16 @@ class ModelState:
             "format": CHECKPOINT_FORMAT,
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "masks": {k: v.cpu() for k, v in self.masks.items()},
+            # layer sizes as plain data: a channel-pruned model is rebuilt from the recipe, then resized
+            "structure": structure_record(self.model),
         }
 
     @classmethod
     def from_checkpoint(cls, template: nn.Module, payload: dict[str, Any]) -> ModelState:
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a compress stage checkpoint (format {payload.get('format')!r})")
+        if "structure" in payload:
+            apply_structure(template, payload["structure"], payload["state_dict"])
         template.load_state_dict(payload["state_dict"])
         device = next(template.parameters()).device
         return cls(template, {k: v.to(device) for k, v in payload["masks"].items()})

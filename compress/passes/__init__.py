@@ -2,5 +2,6 @@
 from compress.passes.registry import PassResult, PassSpec, get_pass, pass_names, register_pass
 from compress.passes import prune_magnitude  # noqa: F401  (registers prune.magnitude)
 from compress.passes import distill_dot  # noqa: F401  (registers distill.dot)
+from compress.passes import prune_ap  # noqa: F401  (registers prune.ap)
 
 __all__ = ["PassResult", "PassSpec", "get_pass", "pass_names", "register_pass"]

@@ -1,17 +1,34 @@
-"""prune.magnitude: zero the smallest-magnitude weights, then fine-tune with the masks held.
+"""prune.magnitude: zero the smallest-magnitude weights (or whole channels), fine-tuning with masks held.
 
-Granularities and schedules beyond one-shot unstructured plug in here (see ALGORITHMS.md section 1).
+Granularities: unstructured (global or layer-wise), nm (N:M along input channels, for NVIDIA's sparse
+tensor cores) and channels (structured, Torch-Pruning). Schedules: oneshot, gradual (Zhu & Gupta's
+cubic ramp) and iterative (a fixed fraction of what remains per round). `mode: randomized` is the seed
+paper's randomized variant. ALGORITHMS.md section 1 has the facts this follows.
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
+from torch import nn
 
+from compress.channels import ChannelPruner, channel_counts, count_macs, remap_masks
+from compress.dnr import dead_neuron_rate
 from compress.errors import BadInput
 from compress.passes.registry import PassResult, register_pass
 from compress.recipe import StrictModel
-from compress.sparsity import apply_masks, magnitude_masks, prunable_layers
+from compress.sparsity import (
+    apply_masks,
+    classifier_name,
+    magnitude_masks,
+    merge_masks,
+    nm_masks,
+    prunable_layers,
+    randomized_masks,
+    targeted_sparsity,
+)
 from compress.state import ModelState, StageContext
 from compress.train import fit
 
@@ -24,15 +41,55 @@ class FinetuneConfig(StrictModel):
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
 
 
-class MagnitudePruneConfig(StrictModel):
-    sparsity: float = Field(ge=0, lt=1, description="fraction of the targeted weights set to zero")
-    granularity: Literal["unstructured"] = "unstructured"
+class SelectionConfig(StrictModel):
+    """What every magnitude-based pass shares: which layers, how weights are ranked, the fine-tuning."""
+
     scope: Literal["global", "layer"] = "global"
-    schedule: Literal["oneshot"] = "oneshot"
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     targets: list[str] = Field(default_factory=list, description="module-name patterns; empty = all conv/linear")
     ignore: list[str] = Field(default_factory=list)
     prune_classifier: bool = False
+    measure_dnr: bool = Field(True, description="report the dead-neuron rate before and after")
+
+
+class MagnitudePruneConfig(SelectionConfig):
+    mode: Literal["magnitude", "randomized"] = "magnitude"
+    alpha: float | None = Field(None, gt=0, description="randomized mode: fixed alpha instead of a target")
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="fraction of the targeted weights set to zero (channels: of channels)"
+    )
+    granularity: Literal["unstructured", "nm", "channels"] = "unstructured"
+    n: int = Field(2, ge=1, description="nm: weights kept per group")
+    m: int = Field(4, ge=2, description="nm: group size along input channels")
+    nm_rule: Literal["asp", "divisible"] = Field(
+        "asp", description="asp: NVIDIA ASP's out % 8 and in % 16 rule; divisible: in % m only"
+    )
+    round_to: int | None = Field(8, ge=1, description="channels: keep channel counts multiples of this")
+    schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
+    steps: int = Field(4, ge=1, le=100, description="gradual: pruning steps, fine-tuning after each")
+    rate: float = Field(0.2, gt=0, lt=1, description="iterative: fraction of the remaining weights per round")
+    rewind: bool = Field(False, description="gradual/iterative: reset surviving weights to the stage start")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MagnitudePruneConfig:
+        if self.n >= self.m:
+            raise ValueError(f"n: must be smaller than m ({self.n}:{self.m} prunes nothing)")
+        if self.granularity == "nm":
+            implied = 1 - self.n / self.m
+            if self.sparsity is not None and not math.isclose(self.sparsity, implied, abs_tol=1e-9):
+                raise ValueError(f"sparsity: granularity nm {self.n}:{self.m} prunes exactly {implied:g}; omit it")
+            if self.schedule != "oneshot":
+                raise ValueError("schedule: granularity nm prunes once (then fine-tunes); use oneshot")
+        if self.mode == "randomized" and self.granularity != "unstructured":
+            raise ValueError("mode: randomized applies to granularity unstructured only")
+        if self.alpha is not None:
+            if self.mode != "randomized":
+                raise ValueError("alpha: only used with mode: randomized")
+            if self.sparsity is not None or self.schedule != "oneshot":
+                raise ValueError("alpha: a fixed alpha sets the sparsity itself; omit sparsity, use oneshot")
+        elif self.sparsity is None and self.granularity != "nm":
+            raise ValueError(f"sparsity: required for granularity {self.granularity}")
+        return self
 
 
 def finetune(state: ModelState, cfg: FinetuneConfig, ctx: StageContext, description: str) -> None:
@@ -55,28 +112,239 @@ def finetune(state: ModelState, cfg: FinetuneConfig, ctx: StageContext, descript
     )
 
 
+# --- schedules ------------------------------------------------------------------------------------------
+
+
+def gradual_sparsities(initial: float, final: float, steps: int) -> list[float]:
+    """Zhu & Gupta: s_t = s_f + (s_i - s_f) * (1 - t/n)^3 for t = 1..n (fast early, gentle late)."""
+    if final <= initial:
+        return [final]
+    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
+
+
+def iterative_sparsities(initial: float, final: float, rate: float) -> list[float]:
+    """Prune `rate` of what remains per round (1 - (1-rate)^k from zero); the last round stops at `final`."""
+    sparsities, current = [], initial
+    while current < final - 1e-12:
+        current = min(final, 1 - (1 - current) * (1 - rate))
+        sparsities.append(current)
+    return sparsities or [final]
+
+
+def step_targets(cfg: MagnitudePruneConfig, initial: float, final: float) -> list[float]:
+    if cfg.schedule == "gradual":
+        return gradual_sparsities(initial, final, cfg.steps)
+    if cfg.schedule == "iterative":
+        return iterative_sparsities(initial, final, cfg.rate)
+    return [final]
+
+
+# --- shared by the pruning passes -----------------------------------------------------------------------
+
+
+def select_layers(model: nn.Module, cfg: SelectionConfig, ctx: StageContext) -> dict[str, nn.Module]:
+    layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier)
+    if not layers:
+        raise BadInput(f"stage {ctx.stage_name!r}: params.targets/ignore select no Conv or Linear layer to prune")
+    return layers
+
+
+def example_input(ctx: StageContext) -> torch.Tensor:
+    return ctx.data.train[0][0].unsqueeze(0).to(ctx.device)
+
+
+def measure(model: nn.Module, ctx: StageContext, example: torch.Tensor, dnr: bool) -> dict[str, Any]:
+    """What the report compares before and after a pruning stage."""
+    macs, params = count_macs(model, example)
+    zeros = total = 0
+    for module in prunable_layers(model, include_classifier=True).values():
+        zeros += int((module.weight == 0).sum())
+        total += module.weight.numel()
+    result: dict[str, Any] = {
+        "macs": macs,
+        "params": params,
+        "params_nonzero": sum(int((p != 0).sum()) for p in model.parameters()),
+        "weights_zero": zeros,
+        "weights_total": total,
+    }
+    if dnr:
+        result["dnr"] = dead_neuron_rate(model, ctx.data.val, batch_size=256, device=ctx.device)["dnr"]
+    return result
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Flat report keys (`macs_before`, `macs_after`, ...) plus the MACs ratio."""
+    report = {f"{key}_before": value for key, value in before.items()}
+    report.update({f"{key}_after": value for key, value in after.items()})
+    report["macs_ratio"] = before["macs"] / after["macs"] if after["macs"] else None
+    return report
+
+
+def rewind_to(model: nn.Module, snapshot: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Reset every surviving weight (and BN statistics) to `snapshot`, keeping the current masks."""
+    model.load_state_dict(snapshot)
+    apply_masks(model, masks)
+
+
+# --- the pass -------------------------------------------------------------------------------------------
+
+
 @register_pass("prune.magnitude", MagnitudePruneConfig)
 def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext) -> PassResult:
-    layers = prunable_layers(state.model, cfg.targets, cfg.ignore, cfg.prune_classifier)
-    if not layers:
-        raise BadInput(
-            f"stage {ctx.stage_name!r}: params.targets/ignore select no Conv or Linear layer to prune"
-        )
-    new_masks = magnitude_masks(layers, cfg.sparsity, cfg.scope, existing=state.masks)
-    for key, mask in new_masks.items():
-        # a weight pruned by an earlier stage stays pruned even if this stage asks for less
-        state.masks[key] = mask & state.masks[key] if key in state.masks else mask
-    apply_masks(state.model, state.masks)
-    metric_pruned = ctx.evaluate(state.model)
-    ctx.progress.log(f"{ctx.stage_name}: pruned {len(layers)} layers, metric before fine-tune {metric_pruned:.4f}")
-    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: fine-tune")
+    layers = select_layers(state.model, cfg, ctx)
+    example = example_input(ctx)
+    before = measure(state.model, ctx, example, cfg.measure_dnr)
+    if cfg.granularity == "channels":
+        info = _prune_channels(state, cfg, ctx, layers, example)
+    elif cfg.granularity == "nm":
+        info = _prune_nm(state, cfg, ctx, layers)
+    else:
+        info = _prune_unstructured(state, cfg, ctx, layers)
+    after = measure(state.model, ctx, example, cfg.measure_dnr)
     return PassResult(
         state,
         {
-            "target_sparsity": cfg.sparsity,
+            "target_sparsity": cfg.sparsity if cfg.granularity != "nm" else 1 - cfg.n / cfg.m,
             "granularity": cfg.granularity,
             "scope": cfg.scope,
-            "pruned_layers": sorted(layers),
-            "metric_before_finetune": metric_pruned,
+            "schedule": cfg.schedule,
+            "mode": cfg.mode,
+            **info,
+            **before_after(before, after),
         },
     )
+
+
+def _prune_unstructured(
+    state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext, layers: dict[str, nn.Module]
+) -> dict[str, Any]:
+    initial, _, _ = targeted_sparsity(layers)
+    targets = [cfg.sparsity] if cfg.sparsity is None else step_targets(cfg, initial, cfg.sparsity)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    snapshot = {k: v.detach().clone() for k, v in state.model.state_dict().items()} if cfg.rewind else None
+    steps: list[dict[str, Any]] = []
+    alphas: dict[str, float] = {}
+    for index, target in enumerate(targets):
+        if cfg.mode == "randomized":
+            new_masks, alphas = randomized_masks(
+                layers, target or 0.0, cfg.scope, generator, alpha=cfg.alpha, existing=state.masks
+            )
+        else:
+            new_masks = magnitude_masks(layers, target, cfg.scope, existing=state.masks)
+        merge_masks(state.masks, new_masks)
+        apply_masks(state.model, state.masks)
+        if snapshot is not None:
+            rewind_to(state.model, snapshot, state.masks)
+        steps.append(_prune_step(state, cfg, ctx, layers, index, len(targets), target))
+    info: dict[str, Any] = {"pruned_layers": sorted(layers), "steps": steps}
+    info["metric_before_finetune"] = steps[-1]["metric_after_prune"]
+    info["finetune_epochs_total"] = cfg.finetune.epochs * len(targets)
+    if cfg.mode == "randomized":
+        info["alpha"] = next(iter(alphas.values())) if cfg.scope == "global" else alphas
+    return info
+
+
+def _prune_step(
+    state: ModelState,
+    cfg: MagnitudePruneConfig,
+    ctx: StageContext,
+    layers: dict[str, nn.Module],
+    index: int,
+    count: int,
+    target: float | None,
+) -> dict[str, Any]:
+    """Measure the freshly pruned model, fine-tune it, and say what the step did."""
+    metric_pruned = ctx.evaluate(state.model)
+    sparsity, _, _ = targeted_sparsity(layers)
+    ctx.progress.log(
+        f"{ctx.stage_name}: step {index + 1}/{count}, sparsity {sparsity:.4f}, metric before fine-tune {metric_pruned:.4f}"
+    )
+    label = f"{ctx.stage_name}: fine-tune" + (f" {index + 1}/{count}" if count > 1 else "")
+    finetune(state, cfg.finetune, ctx, label)
+    return {"step": index + 1, "target": target, "sparsity": sparsity, "metric_after_prune": metric_pruned}
+
+
+def _prune_nm(
+    state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext, layers: dict[str, nn.Module]
+) -> dict[str, Any]:
+    new_masks, skipped = nm_masks(layers, cfg.n, cfg.m, cfg.nm_rule, existing=state.masks)
+    if not new_masks:
+        first = next(iter(skipped.items()))
+        raise BadInput(
+            f"stage {ctx.stage_name!r}: no selected layer can take {cfg.n}:{cfg.m} "
+            f"(params.nm_rule {cfg.nm_rule}; e.g. {first[0]}: {first[1]})"
+        )
+    for name, reason in skipped.items():
+        ctx.progress.log(f"{ctx.stage_name}: {name} left dense: {reason}")
+    merge_masks(state.masks, new_masks)
+    apply_masks(state.model, state.masks)
+    nm_layers = {name: layers[name] for name in layers if name not in skipped}
+    step = _prune_step(state, cfg, ctx, nm_layers, 0, 1, 1 - cfg.n / cfg.m)
+    return {
+        "pruned_layers": sorted(nm_layers),
+        "nm": {"n": cfg.n, "m": cfg.m, "rule": cfg.nm_rule, "layers": sorted(nm_layers), "skipped": skipped},
+        "steps": [step],
+        "metric_before_finetune": step["metric_after_prune"],
+        "finetune_epochs_total": cfg.finetune.epochs,
+    }
+
+
+def _prune_channels(
+    state: ModelState,
+    cfg: MagnitudePruneConfig,
+    ctx: StageContext,
+    layers: dict[str, nn.Module],
+    example: torch.Tensor,
+) -> dict[str, Any]:
+    model = state.model
+    ratios = step_targets(cfg, 0.0, cfg.sparsity)
+    channels_before = channel_counts(model)
+    pruner = ChannelPruner(
+        model,
+        example,
+        ratios=ratios,
+        global_ranking=cfg.scope == "global",
+        selected=layers,
+        classifier=classifier_name(model),
+        round_to=cfg.round_to,
+    )
+    steps = []
+    for index, ratio in enumerate(ratios):
+        pruner.step()
+        _check_still_runs(model, example, ctx)
+        state.masks = remap_masks(model, state.masks)
+        apply_masks(model, state.masks)
+        if cfg.rewind and index == 0:
+            ctx.progress.log(f"{ctx.stage_name}: rewind has no meaning for channels (the shapes change); ignored")
+        steps.append(_prune_step(state, cfg, ctx, layers, index, len(ratios), ratio))
+        # weight sparsity says nothing here: what shrank is the channel count of the selected layers
+        now = channel_counts(model)
+        steps[-1]["sparsity"] = 1 - sum(now[name] for name in layers) / sum(channels_before[name] for name in layers)
+    channels_after = channel_counts(model)
+    return {
+        "pruned_layers": sorted(layers),
+        "channels": {
+            name: [count, channels_after[name]]
+            for name, count in channels_before.items()
+            if channels_after.get(name) != count
+        },
+        "round_to": cfg.round_to,
+        "steps": steps,
+        "metric_before_finetune": steps[-1]["metric_after_prune"],
+        "finetune_epochs_total": cfg.finetune.epochs * len(ratios),
+    }
+
+
+def _check_still_runs(model: nn.Module, example: torch.Tensor, ctx: StageContext) -> None:
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:
+        raise BadInput(
+            f"stage {ctx.stage_name!r}: granularity channels: Torch-Pruning could not prune this architecture "
+            f"consistently ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); exclude the layers involved "
+            "with params.ignore, or use unstructured/nm"
+        ) from None
+    finally:
+        model.train(was_training)

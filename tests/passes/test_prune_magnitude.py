@@ -1,0 +1,228 @@
+"""prune.magnitude called directly: exact counts, schedules, N:M, randomized mode, structured channels."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from compress.errors import BadInput
+from compress.models.registry import get_builtin
+from compress.passes import get_pass
+from compress.sparsity import nm_ineligible_reason, nm_violations, prunable_layers
+from compress.state import ModelState
+
+SPEC = get_pass("prune.magnitude")
+
+
+def _resnet8(width: int = 8, in_channels: int = 1, input_size: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return get_builtin("resnet8")(in_channels=in_channels, num_classes=10, width=width, input_size=input_size)
+
+
+@pytest.fixture
+def small_context(random_context):
+    """Random 8x8 one-channel images: none of these tests needs the network to learn anything."""
+    return random_context(shape=(1, 8, 8), samples=64)
+
+
+def _prune(model: nn.Module, ctx, **params) -> tuple[ModelState, dict]:
+    params.setdefault("finetune", {"epochs": 0})
+    state = ModelState(model)
+    result = SPEC.apply(state, SPEC.config_type.model_validate(params), ctx)
+    return result.state, result.info
+
+
+def _zeros(module: nn.Module) -> int:
+    return int((module.weight == 0).sum())
+
+
+def test_global_scope_prunes_the_exact_count_and_leaves_the_classifier(small_context) -> None:
+    model = _resnet8()
+    state, info = _prune(model, small_context, sparsity=0.7)
+    layers = prunable_layers(model)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(_zeros(m) for m in layers.values()) == round(0.7 * total)
+    assert _zeros(model.fc) == 0 and "fc" not in info["pruned_layers"]
+    assert info["weights_zero_after"] == round(0.7 * total)
+    assert info["params_nonzero_after"] == info["params_nonzero_before"] - round(0.7 * total)
+    assert info["macs_before"] == info["macs_after"] > 0
+
+
+def test_layer_scope_prunes_each_layer_exactly(small_context) -> None:
+    model = _resnet8()
+    _prune(model, small_context, sparsity=0.7, scope="layer")
+    for name, module in prunable_layers(model).items():
+        assert _zeros(module) == round(0.7 * module.weight.numel()), name
+
+
+def test_masks_hold_through_finetuning(small_context) -> None:
+    model = _resnet8()
+    state, info = _prune(model, small_context, sparsity=0.6, finetune={"epochs": 1, "lr": 0.05})
+    params = dict(model.named_parameters())
+    assert state.masks
+    for key, mask in state.masks.items():
+        assert torch.all(params[key][~mask] == 0), key
+        assert torch.all(params[key][mask] != 0), key  # trained weights never land on exactly 0.0
+    assert info["finetune_epochs_total"] == 1
+    assert 0 <= info["dnr_before"] <= 1 and 0 <= info["dnr_after"] <= 1
+
+
+def test_nm_pattern_holds_in_every_reported_layer_and_the_rest_are_explained(small_context) -> None:
+    model = _resnet8()
+    state, info = _prune(model, small_context, granularity="nm", nm_rule="divisible", finetune={"epochs": 1})
+    nm = info["nm"]
+    assert nm["skipped"] == {"conv1": "1 input channels (per group) are not a multiple of m=4"}
+    modules = dict(model.named_modules())
+    assert set(nm["layers"]) | set(nm["skipped"]) == set(prunable_layers(model))
+    for name in nm["layers"]:
+        weight = modules[name].weight
+        assert nm_violations(weight, 2, 4) == 0, name
+        assert _zeros(modules[name]) == weight.numel() // 2, name  # exactly 2 of 4 kept, even after fine-tuning
+    assert _zeros(modules["conv1"]) == 0
+
+
+def test_nm_asp_rule_is_explicit(small_context) -> None:
+    assert nm_ineligible_reason(torch.zeros(16, 16, 3, 3), 2, 4, "asp") is None
+    assert "ASP" in nm_ineligible_reason(torch.zeros(12, 16, 3, 3), 2, 4, "asp")
+    assert "ASP" in nm_ineligible_reason(torch.zeros(16, 8, 3, 3), 2, 4, "asp")
+    assert nm_ineligible_reason(torch.zeros(16, 8, 3, 3), 2, 4, "divisible") is None
+    # no conv with 16 input channels: ASP's rule leaves nothing to prune, an error rather than a no-op
+    narrow = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    with pytest.raises(BadInput, match="nm_rule asp"):
+        _prune(narrow, small_context, granularity="nm")
+    model = _resnet8(width=16)
+    _, info = _prune(model, small_context, granularity="nm")
+    assert "layer1.0.conv1" in info["nm"]["layers"]
+    assert "multiple of m=4" in info["nm"]["skipped"]["conv1"]
+    assert sorted(info["nm"]["layers"] + list(info["nm"]["skipped"])) == sorted(prunable_layers(model))
+
+
+def test_gradual_schedule_follows_the_cubic(small_context) -> None:
+    model = _resnet8()
+    _, info = _prune(model, small_context, sparsity=0.8, schedule="gradual", steps=4)
+    total = info["weights_total_after"] - model.fc.weight.numel()
+    expected = [0.8 + (0.0 - 0.8) * (1 - t / 4) ** 3 for t in range(1, 5)]
+    assert [s["sparsity"] for s in info["steps"]] == pytest.approx(expected, abs=1 / total)
+    assert info["steps"][-1]["sparsity"] == pytest.approx(0.8, abs=1 / total)
+
+
+def test_iterative_schedule_prunes_a_fifth_of_what_remains(small_context) -> None:
+    model = _resnet8()
+    target = 1 - 0.8**4
+    _, info = _prune(model, small_context, sparsity=target, schedule="iterative", rate=0.2)
+    total = info["weights_total_after"] - model.fc.weight.numel()
+    assert [s["sparsity"] for s in info["steps"]] == pytest.approx([1 - 0.8**n for n in range(1, 5)], abs=1 / total)
+
+
+def test_iterative_rewind_resets_surviving_weights(small_context) -> None:
+    model = _resnet8()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    state, _ = _prune(model, small_context, sparsity=0.36, schedule="iterative", rewind=True)
+    for key, mask in state.masks.items():
+        assert torch.equal(model.state_dict()[key][mask], start[key][mask]), key
+
+
+def test_randomized_mode_keeps_the_expected_fraction(small_context) -> None:
+    model = _resnet8(width=16)
+    layers = prunable_layers(model)
+    original = {name: m.weight.detach().clone() for name, m in layers.items()}
+    alpha = 0.5
+    # expected pruned share per weight: exp(-w^2 / (alpha * Var(W))), Var over the weight's own layer
+    probabilities = torch.cat(
+        [torch.exp(-w.square() / (alpha * w.var(unbiased=False))).flatten() for w in original.values()]
+    )
+    _, info = _prune(model, small_context, mode="randomized", alpha=alpha)
+    pruned = sum(_zeros(m) for m in layers.values())
+    mean = float(probabilities.sum())
+    sigma = math.sqrt(float((probabilities * (1 - probabilities)).sum()))
+    assert abs(pruned - mean) < 4 * sigma
+    for name, module in layers.items():  # kept weights are not rescaled
+        kept = module.weight != 0
+        assert torch.equal(module.weight[kept], original[name][kept]), name
+
+    model = _resnet8(width=16)
+    total = sum(m.weight.numel() for m in prunable_layers(model).values())
+    _, info = _prune(model, small_context, mode="randomized", sparsity=0.6)
+    realised = sum(_zeros(m) for m in prunable_layers(model).values()) / total
+    assert abs(realised - 0.6) < 4 * math.sqrt(0.6 * 0.4 / total) + 1e-3
+    assert info["alpha"] > 0
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"granularity": "nm", "sparsity": 0.3}, "sparsity"),
+        ({"granularity": "nm", "schedule": "gradual"}, "schedule"),
+        ({"granularity": "nm", "mode": "randomized"}, "mode"),
+        ({"sparsity": 0.5, "alpha": 1.0}, "alpha"),
+        ({"granularity": "unstructured"}, "sparsity"),
+        ({"granularity": "nm", "n": 4, "m": 4}, "n"),
+    ],
+)
+def test_inconsistent_params_are_refused_naming_the_field(params: dict, field: str) -> None:
+    with pytest.raises(ValidationError, match=rf"{field}:"):
+        SPEC.config_type.model_validate(params)
+
+
+def test_channels_give_a_smaller_model_that_reloads_weights_only(random_context) -> None:
+    ctx = random_context(shape=(1, 16, 16))
+    model = _resnet8(width=16, input_size=16)
+    state, info = _prune(model, ctx, sparsity=0.5, granularity="channels", scope="layer", finetune={"epochs": 1})
+    assert info["params_after"] < info["params_before"] / 3
+    assert info["macs_ratio"] > 3.0
+    assert info["channels"]["layer3.0.conv1"] == [64, 32]
+    assert all(after % 8 == 0 for _, after in info["channels"].values())
+    assert model.fc.out_features == 10
+    x = torch.randn(4, 1, 16, 16)
+    model.eval()
+    expected = model(x)
+
+    buffer = io.BytesIO()
+    torch.save(state.checkpoint(), buffer)
+    buffer.seek(0)
+    payload = torch.load(buffer, weights_only=True)
+    fresh = _resnet8(width=16, input_size=16)
+    reloaded = ModelState.from_checkpoint(fresh, payload)
+    assert torch.equal(reloaded.model.eval()(x), expected)
+
+
+def test_channels_keep_earlier_masks_on_the_smaller_weights(random_context) -> None:
+    ctx = random_context(shape=(1, 16, 16))
+    model = _resnet8(width=16, input_size=16)
+    state, _ = _prune(model, ctx, sparsity=0.5)
+    state.model = model
+    result = SPEC.apply(state, SPEC.config_type.model_validate({"sparsity": 0.5, "granularity": "channels"}), ctx)
+    params = dict(model.named_parameters())
+    for key, mask in result.state.masks.items():
+        assert mask.shape == params[key].shape, key
+        assert torch.all(params[key][~mask] == 0), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_channels_on_torchvision_models_export_and_match_in_onnx_runtime(arch: str, random_context, tmp_path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from export.onnx_export import export_onnx
+    from export.ort_runner import ort_session, predict
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    ctx = random_context(shape=(3, 32, 32), samples=8)
+    _, info = _prune(model, ctx, sparsity=0.5, granularity="channels", scope="layer", measure_dnr=False)
+    assert info["params_after"] < info["params_before"] / 2
+    assert info["macs_ratio"] > 2.0
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    path = export_onnx(model, x[:1], tmp_path / f"{arch}.onnx")
+    got = predict(ort_session(path), x.numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
