@@ -158,3 +158,14 @@ def test_bad_flags_exit_2(flags: list[str], expected: str, tiny_recipe: dict, wr
     assert result.exit_code == 2, result.output
     assert expected in _one_line(result)
     assert not (tmp_path / "run").exists()
+
+
+def test_symlink_out_of_the_run_directory_is_refused(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "stages").symlink_to(elsewhere)
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 2 and "outside the run directory" in _one_line(result)
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["stages"]

@@ -35,6 +35,8 @@ def load_checkpoint(
     if trust and isinstance(loaded, nn.Module):
         return loaded
     state = _strip_wrapper_prefixes(_find_state_dict(loaded, path), model)
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("structure"), Mapping):
+        _resize(model, loaded["structure"], state, path)
     problems = _mismatches(model.state_dict(), state)
     if problems:
         expected = arch or type(model).__name__
@@ -61,10 +63,14 @@ def _read(path: Path, trust: bool) -> Any:
 
 def _refused_objects(exc: pickle.UnpicklingError) -> bool:
     """Did weights_only refuse a well-formed pickle of objects (vs. choke on a damaged file)?"""
-    # torch's message is long advice; its own reason follows this marker.
-    _, marker, reason = str(exc).partition("WeightsUnpickler error:")
-    reason = reason.lower()
-    return bool(marker) and any(word in reason for word in ("global", "allowlist", "can only"))
+    # torch's message is long advice; its reason follows "WeightsUnpickler error:" for most refusals, but a
+    # blocked module (os.system, subprocess...) is reported without that marker.
+    text = str(exc)
+    if not text.startswith("Weights only load failed"):
+        return False
+    _, _, reason = text.partition("WeightsUnpickler error:")
+    reason = (reason or text).lower()
+    return any(word in reason for word in ("global", "allowlist", "can only", "blocked"))
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -79,6 +85,16 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 def _unreadable(path: Path, exc: BaseException) -> BadInput:
     detail = (str(exc).strip().splitlines() or ["no message"])[0][:200]
     return BadInput(f"{path}: cannot read checkpoint, corrupt or truncated? ({type(exc).__name__}: {detail})")
+
+
+def _resize(model: nn.Module, structure: Mapping[str, Any], state: Mapping[str, Tensor], path: Path) -> None:
+    """A stage checkpoint of a channel-pruned model: shrink the freshly built model to its layer sizes."""
+    from compress.structure import apply_structure
+
+    try:
+        apply_structure(model, dict(structure), dict(state))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BadInput(f"{path}: its layer sizes do not fit this architecture ({exc})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
