@@ -36,7 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> str:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        pause_point(f"write:{path.name}")
+        pause_point(f"write:{path.parent.name}/{path.name}")
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
