@@ -113,6 +113,38 @@ def evaluate(
     Console().print(f"{model}: {split} metric {value:.4f}")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path | None, typer.Argument(help="a stage checkpoint (not available yet: use compress run)", show_default=False)] = None,
+    lint: Annotated[Path | None, typer.Option("--lint", help="check an ONNX file against TensorRT's Q/DQ rules")] = None,
+) -> None:
+    """Lint an ONNX file for TensorRT: exit 0 when clean, 3 when a rule is broken (like a failed gate)."""
+    from compress.errors import BadInput, GateFailed
+
+    def check() -> None:
+        if lint is None:
+            raise BadInput(
+                "compress export: exporting a checkpoint outside a run is not available yet "
+                "(compress run exports); use --lint MODEL.onnx to check a file"
+            )
+        if checkpoint is not None:
+            raise BadInput("compress export: give either CHECKPOINT or --lint MODEL.onnx, not both")
+        from export.errors import ExportError
+        from export.lint import lint_onnx
+
+        try:
+            findings = lint_onnx(lint)
+        except ExportError as exc:
+            raise BadInput(str(exc)) from None
+        for finding in findings:
+            Console(soft_wrap=True).print(str(finding), highlight=False, markup=False)
+        if findings:
+            raise GateFailed(f"{lint}: {len(findings)} finding(s) against TensorRT's explicit-quantization rules")
+        Console().print(f"{lint}: clean (TensorRT explicit-quantization rules)", highlight=False)
+
+    guarded(check)
+
+
 @app.command()
 def gate(
     report: Annotated[Path | None, typer.Argument(help="a run's report.json", show_default=False)] = None,
