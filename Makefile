@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q $(TORCH_PINS) -e ".[vision,demo,dev]"
+# TensorRT's API as type stubs for the mypy test; --no-deps: its dependency tensorrt cannot install here
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 install: $(STAMP)
