@@ -18,6 +18,10 @@ from compress.metrics import MetricFn
 from compress.progress import RunProgress
 from compress.recipe import ExportConfig
 
+# ONNX Runtime's fast CPU flavor uses unsigned activations on purpose: not a file for TensorRT, so neither
+# linted against TensorRT's rules as a gate nor given a trtexec command.
+NOT_FOR_TENSORRT = frozenset({"int8-ort"})
+
 
 def export_and_verify(
     model: nn.Module,
@@ -30,19 +34,21 @@ def export_and_verify(
     metric: MetricFn,
     progress: RunProgress,
 ) -> dict[str, Any]:
-    from export.onnx_export import export_onnx
+    from export.lint import lint_onnx
     from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
 
     test_inputs, _ = dataset_tensors(data.test)
     torch_metric = float(metric(torch_logits, labels))
     example = test_inputs[:1]
     results: dict[str, Any] = {}
-    with progress.task("export", len(cfg.onnx.precisions) * 3) as advance:
+    writer = _OnnxWriter(model, example, cfg, out_dir)
+    with progress.task("export", len(cfg.onnx.precisions) * 3) as advance, writer:
         for precision in cfg.onnx.precisions:
             path = out_dir / f"model.{precision}.onnx"
             advance(0, f"{precision}: torch -> ONNX")
-            export_onnx(model, example, path, opset=cfg.onnx.opset)
+            writer.write(precision, path)
             pause_point(f"exported:{path.name}")
+            lint = {"findings": [f.to_dict() for f in lint_onnx(path)], "gates": precision not in NOT_FOR_TENSORRT}
             advance(1, f"{precision}: accuracy in ONNX Runtime")
             session = ort_session(path, threads=cfg.verify.threads)
             onnx_logits = predict(session, test_inputs.numpy())
@@ -58,7 +64,15 @@ def export_and_verify(
             advance(1)
             drop = torch_metric - onnx_metric
             max_drop = cfg.verify.max_drop
-            passed = max_drop is None or drop <= max_drop + 1e-12
+            drop_ok = max_drop is None or drop <= max_drop + 1e-12
+            reasons = [] if drop_ok else [f"drop {drop:.4f} > verify.max_drop {max_drop:.4f}"]
+            if lint["gates"] and lint["findings"]:
+                first = lint["findings"][0]
+                reasons.append(
+                    f"lint: {len(lint['findings'])} TensorRT rule finding(s), first {first['node']}: "
+                    f"[{first['rule']}] {first['message']}"
+                )
+            passed = not reasons
             results[precision] = {
                 "path": str(Path("export") / path.name),
                 "opset": cfg.onnx.opset,
@@ -68,27 +82,98 @@ def export_and_verify(
                 "size_bytes": file_size(path),
                 "latency_ms": latency,
                 "parity": parity(torch_logits.numpy(), onnx_logits),
-                "gate": {
-                    "passed": passed,
-                    "max_drop": max_drop,
-                    "reason": None if passed else f"drop {drop:.4f} > verify.max_drop {max_drop:.4f}",
-                },
+                "lint": lint,
+                "gate": {"passed": passed, "max_drop": max_drop, "reason": "; ".join(reasons) or None},
             }
             progress.log(
                 f"export {precision}: test {onnx_metric:.4f} (torch {torch_metric:.4f}), "
                 f"top-1 agreement {results[precision]['parity']['top1_agreement']:.4f}"
             )
-    results.update(tensorrt_status(cfg))
+    trt_files = [out_dir / f"model.{p}.onnx" for p in cfg.onnx.precisions if p not in NOT_FOR_TENSORRT]
+    results["tensorrt"] = tensorrt_entry(trt_files, cfg, out_dir)
+    progress.log(f"tensorrt: {_tensorrt_summary(results['tensorrt'])}")
     atomic_write_json(out_dir / "parity.json", {k: v["parity"] for k, v in results.items() if "parity" in v})
     return results
 
 
-def tensorrt_status(cfg: ExportConfig) -> dict[str, Any]:
-    """Engines are built on the target device; here we only say whether this machine could."""
-    if cfg.tensorrt.build == "never":
-        return {}
+class _OnnxWriter:
+    """Writes each precision's file; fp16 is converted from an fp32 export made in this same call (never
+    from a file left by an earlier run), kept as model.fp32.onnx when fp32 is requested too."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: ExportConfig, out_dir: Path) -> None:
+        self.model, self.example, self.cfg = model, example, cfg
+        wanted = "fp32" in cfg.onnx.precisions
+        self.fp32 = out_dir / ("model.fp32.onnx" if wanted else ".model.fp32-source.onnx")
+        self.fp32_written = False
+
+    def __enter__(self) -> _OnnxWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fp32.name.startswith("."):
+            self.fp32.unlink(missing_ok=True)
+
+    def _fp32(self) -> Path:
+        from export.onnx_export import export_onnx
+
+        if not self.fp32_written:
+            export_onnx(self.model, self.example, self.fp32, opset=self.cfg.onnx.opset)
+            self.fp32_written = True
+        return self.fp32
+
+    def write(self, precision: str, path: Path) -> None:
+        if precision == "fp32":
+            self._fp32()
+        elif precision == "fp16":
+            from export.fp16 import convert_to_fp16
+
+            convert_to_fp16(self._fp32(), path, io_fp16=self.cfg.onnx.io_fp16)
+        else:
+            raise ValueError(f"no ONNX writer for precision {precision!r}")
+
+
+def tensorrt_entry(onnx_files: list[Path], cfg: ExportConfig, out_dir: Path) -> dict[str, Any]:
+    """trtexec.sh and polygraphy.sh for every TensorRT-bound file, always; engines where this machine can.
+
+    Without TensorRT or a GPU the entry says "skipped: <reason>" and passes; a build TensorRT refused fails
+    the gate (the file would not deploy), as does `required` when nothing could be built.
+    """
+    from export.errors import ExportError
+    from export.tensorrt import BuildOptions, export_tensorrt
+
+    trt = cfg.tensorrt
+    options = BuildOptions(
+        batch=trt.batch, workspace_mb=trt.workspace_mb, sparse=trt.sparse_weights, dla_core=trt.dla_core,
+        timing_cache=out_dir / "timing.cache",
+    )
+    skip = "export.tensorrt.build is never" if trt.build == "never" else None
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return {"tensorrt": {"skipped": "TensorRT is not installed on this machine", "gate": {"passed": True}}}
-    return {"tensorrt": {"skipped": "engine building arrives with the export issue", "gate": {"passed": True}}}
+        entry = export_tensorrt(onnx_files, out_dir, options, skip_reason=skip)
+    except ExportError as exc:
+        entry = {"skipped": f"cannot prepare TensorRT scripts: {exc}", "engines": {}}
+    entry = _relative_to_run(entry, out_dir)
+    failures = [f"{name}: {e['reason']}" for name, e in entry["engines"].items() if e["status"] == "failed"]
+    if trt.build == "required" and "skipped" in entry:
+        failures.append(f"export.tensorrt.build is required but {entry['skipped']}")
+    entry["gate"] = {"passed": not failures, "reason": "; ".join(failures) or None}
+    return entry
+
+
+def _relative_to_run(entry: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Paths as the report writes them: relative to the run directory (export/NAME)."""
+    def rel(value: str) -> str:
+        path = Path(value)
+        return str(Path(out_dir.name) / path.name) if path.parent.resolve() == out_dir.resolve() else value
+
+    entry["scripts"] = {k: rel(v) for k, v in entry.get("scripts", {}).items()}
+    for engine in entry["engines"].values():
+        for key in ("onnx", "engine", "build_log", "layers"):
+            if key in engine:
+                engine[key] = rel(engine[key])
+    return entry
+
+
+def _tensorrt_summary(entry: dict[str, Any]) -> str:
+    if "skipped" in entry:
+        return f"engines skipped: {entry['skipped']}; wrote {', '.join(entry['scripts'].values())}"
+    return ", ".join(f"{name} {e['status']}" for name, e in entry["engines"].items())

@@ -142,11 +142,12 @@ class Runner:
 
     def _check_export_tools(self) -> None:
         export = self.recipe.export
-        if export is not None and export.tensorrt.build == "always":
-            try:
-                import tensorrt  # noqa: F401
-            except ImportError:
-                raise BadInput("export.tensorrt.build: 'always' but TensorRT is not installed here") from None
+        if export is not None and export.tensorrt.build == "required":
+            from export.tensorrt import unavailable_reason
+
+            reason = unavailable_reason()
+            if reason is not None:
+                raise BadInput(f"export.tensorrt.build: 'required' but no engine can be built here: {reason}")
 
     # --- model --------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, *, batch_size: in
     """Float32 logits for ``inputs`` (batch on axis 0), run ``batch_size`` samples at a time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x = np.ascontiguousarray(inputs, dtype=np.float32)
+    x = np.ascontiguousarray(inputs, dtype=input_dtype(session))
     in_name = session.get_inputs()[0].name
     out_meta = session.get_outputs()[0]
     if len(x) == 0:
@@ -45,6 +45,11 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, *, batch_size: in
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+
+
+def input_dtype(session: ort.InferenceSession) -> type[np.floating]:
+    """float16 for a model exported with fp16 inputs (onnx.io_fp16), else float32."""
+    return np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
 
 def parity(reference_logits: np.ndarray, onnx_logits: np.ndarray) -> dict[str, float]:
@@ -94,7 +99,7 @@ def measure_latency(
     rng = np.random.default_rng(0)
     result: dict[str, float | int | None] = {}
     for bs in batch_sizes:
-        feed = {in_name: rng.standard_normal((bs, *sample_shape), dtype=np.float32)}
+        feed = {in_name: rng.standard_normal((bs, *sample_shape), dtype=np.float32).astype(input_dtype(session))}
         for _ in range(warmup):
             session.run(None, feed)
         times_ms = np.empty(runs, dtype=np.float64)
