@@ -26,6 +26,7 @@ from compress.gate import check_gate
 from compress.metrics import MetricFn, resolve_metric
 from compress.models import build_model, load_checkpoint
 from compress.passes import get_pass
+from compress.passes.registry import check_stages
 from compress.progress import RunProgress
 from compress.recipe import Recipe, load_recipe, stable_hash
 from compress.reference import obtain_reference
@@ -136,6 +137,7 @@ class Runner:
         self.out = options.out or Path("runs") / recipe.name
         check_output_dir(self.out)
         self._check_export_tools()
+        check_stages(recipe, recipe_path)
         self.data = load_data(recipe.data)
         self.evaluator = Evaluator(self.data, self.metric, self.device, max(256, recipe.data.batch_size))
         self.report: dict[str, Any] = {}

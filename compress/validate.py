@@ -11,6 +11,7 @@ def validate_recipe(path: str | Path) -> Recipe:
     from compress.data import check_dataset
     from compress.metrics import resolve_metric
     from compress.models import check_arch
+    from compress.passes.registry import check_stages
 
     recipe = load_recipe(path)
     check_arch(recipe.model.arch)
@@ -19,4 +20,5 @@ def validate_recipe(path: str | Path) -> Recipe:
         raise BadInput(f"{path}: model.checkpoint: file not found: {checkpoint}")
     check_dataset(recipe.data.dataset)
     resolve_metric(recipe.metric)
+    check_stages(recipe, path)
     return recipe

@@ -31,7 +31,7 @@ from compress.distributed import (
     world_size,
 )
 from compress.errors import BadInput
-from compress.models import build_model, load_checkpoint
+from compress.models import build_model, check_arch, load_checkpoint
 from compress.optim import DOT
 from compress.passes.registry import PassResult, register_pass
 from compress.progress import RunProgress
@@ -201,9 +201,36 @@ def distill(
     return run
 
 
+def _teacher_path(cfg: DistillDotConfig, recipe_dir: Path | None) -> Path | None:
+    if not cfg.teacher_checkpoint:
+        return None
+    path = Path(cfg.teacher_checkpoint)
+    return recipe_dir / path if recipe_dir is not None and not path.is_absolute() else path
+
+
+def _teacher_error(exc: BadInput, where: str) -> BadInput:
+    # compress.models names the recipe's model fields; here they are the teacher's
+    text = str(exc).replace("model.arch", "teacher").replace("model.kwargs", "teacher_kwargs")
+    return BadInput(f"{where}.{text}")
+
+
+def check_teacher(cfg: DistillDotConfig, recipe_dir: Path | None, where: str) -> None:
+    """Before a run writes anything: the teacher's source exists and its checkpoint file is there."""
+    if cfg.trainer == "ce" or not cfg.teacher.startswith(SOURCE_PREFIXES):
+        return
+    try:
+        check_arch(cfg.teacher)
+    except BadInput as exc:
+        raise _teacher_error(exc, where) from None
+    path = _teacher_path(cfg, recipe_dir)
+    if path is not None and not path.is_file():
+        raise BadInput(f"{where}.teacher_checkpoint: file not found: {path}")
+
+
 def _source_teacher(cfg: DistillDotConfig, ctx: StageContext) -> nn.Module:
     channels, height, _ = ctx.data.input_shape
     where = f"stage {ctx.stage_name!r}: params"
+    check_teacher(cfg, ctx.recipe_dir, where)
     try:
         teacher = build_model(
             ModelConfig(arch=cfg.teacher, kwargs=cfg.teacher_kwargs),
@@ -212,14 +239,9 @@ def _source_teacher(cfg: DistillDotConfig, ctx: StageContext) -> nn.Module:
             input_size=height,
         )
     except BadInput as exc:
-        # build_model names the recipe's model fields; here they are the teacher's
-        raise BadInput(f"{where}.{str(exc).replace('model.arch', 'teacher').replace('model.kwargs', 'teacher_kwargs')}") from None
-    if cfg.teacher_checkpoint:
-        path = Path(cfg.teacher_checkpoint)
-        if not path.is_absolute() and ctx.recipe_dir is not None:
-            path = ctx.recipe_dir / path
-        if not path.is_file():
-            raise BadInput(f"{where}.teacher_checkpoint: file not found: {path}")
+        raise _teacher_error(exc, where) from None
+    path = _teacher_path(cfg, ctx.recipe_dir)
+    if path is not None:
         try:
             teacher = load_checkpoint(teacher, path, arch=cfg.teacher)
         except BadInput as exc:
@@ -252,7 +274,7 @@ def resolve_teacher(cfg: DistillDotConfig, state: ModelState, ctx: StageContext)
     return teacher
 
 
-@register_pass("distill.dot", DistillDotConfig)
+@register_pass("distill.dot", DistillDotConfig, check=check_teacher)
 def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> PassResult:
     teacher = None if cfg.trainer == "ce" else resolve_teacher(cfg, state, ctx)
     metric_before = ctx.evaluate(state.model)

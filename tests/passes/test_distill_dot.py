@@ -295,6 +295,23 @@ def test_bad_params_name_the_field(params: dict, field: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_missing_teacher_checkpoint_is_refused_before_the_run_directory_exists(
+    tiny_recipe: dict, write_recipe, tmp_path: Path
+) -> None:
+    from compress.runner import RunOptions, run_recipe
+    from compress.validate import validate_recipe
+
+    params = {"teacher": "builtin:resnet8", "teacher_checkpoint": "teacher.pt"}
+    tiny_recipe["stages"].append({"name": "kd", "pass": "distill.dot", "params": params})
+    recipe = write_recipe(tiny_recipe)
+    for check in (lambda: validate_recipe(recipe), lambda: run_recipe(recipe, RunOptions(out=tmp_path / "run", quiet=True))):
+        with pytest.raises(BadInput, match=r"stages\[1\]\.params\.teacher_checkpoint: file not found: .*teacher\.pt$"):
+            check()
+    assert not (tmp_path / "run").exists()
+    torch.save({}, tmp_path / "teacher.pt")  # found next to the recipe: validate is satisfied
+    validate_recipe(recipe)
+
+
 # --- end to end ----------------------------------------------------------------------------------------
 
 
