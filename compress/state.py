@@ -58,3 +58,23 @@ class StageContext:
     recipe_dir: Path | None = None  # relative paths in pass params (a teacher checkpoint) mean "next to the recipe"
     baseline: ModelState | None = None  # the model before the first stage (default teacher); do not modify
     calibration_samples: int = 1024
+
+    @classmethod
+    def standalone(
+        cls, data: DataSplits, *, seed: int = 0, batch_size: int = 128, name: str = "stage"
+    ) -> StageContext:
+        """A context outside a run (benchmarks, tests calling a pass): CPU, quiet, validation top-1."""
+        from compress.metrics import resolve_metric
+        from compress.progress import RunProgress
+        from compress.train import predict
+
+        top1 = resolve_metric("top1")
+        return cls(
+            data=data,
+            device=torch.device("cpu"),
+            seed=seed,
+            batch_size=batch_size,
+            progress=RunProgress(quiet=True),
+            evaluate=lambda model: float(top1(*predict(model, data.val))),
+            stage_name=name,
+        )

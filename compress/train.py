@@ -1,6 +1,7 @@
 """The one training loop (reference training, fine-tuning) and batched prediction."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -67,8 +68,12 @@ def fit(
     masks: dict[str, torch.Tensor] | None = None,
     progress: RunProgress | None = None,
     description: str = "train",
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
     """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout.
+
+    `on_step(n)` runs after the n-th optimizer step (1-based); it may change `masks` in place (gradual
+    pruning), and the next step already holds the new masks.
 
     Under torchrun every process trains on its share of each global batch of `batch_size`
     (compress.distributed), and the update equals one process's on the whole batch.
@@ -79,6 +84,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     progress = progress or RunProgress(quiet=True)
     model.train()
+    done = 0
     with progress.task(description, epochs * steps_per_epoch) as advance:
         for epoch in range(epochs):
             shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
@@ -94,6 +100,9 @@ def fit(
                 optimizer.step()
                 apply_masks(model, masks or {})
                 scheduler.step()
+                done += 1
+                if on_step is not None:
+                    on_step(done)
                 running += loss.item() * len(labels)
                 seen += len(labels)
                 advance(1, f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")

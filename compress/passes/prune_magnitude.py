@@ -8,6 +8,7 @@ paper's randomized variant. ALGORITHMS.md section 1 has the facts this follows.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.channels import ChannelPruner, channel_counts, count_macs, remap_masks
+from compress.distributed import epoch_shards
 from compress.dnr import dead_neuron_rate
 from compress.errors import BadInput
 from compress.passes.registry import PassResult, register_pass
@@ -66,9 +68,10 @@ class MagnitudePruneConfig(SelectionConfig):
     )
     round_to: int | None = Field(8, ge=1, description="channels: keep channel counts multiples of this")
     schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
-    steps: int = Field(4, ge=1, le=100, description="gradual: pruning steps, fine-tuning after each")
+    steps: int = Field(10, ge=1, le=1000, description="gradual: pruning steps (Zhu & Gupta's n)")
+    ramp: float = Field(0.5, gt=0, le=1, description="gradual: share of the fine-tuning over which sparsity ramps")
     rate: float = Field(0.2, gt=0, lt=1, description="iterative: fraction of the remaining weights per round")
-    rewind: bool = Field(False, description="gradual/iterative: reset surviving weights to the stage start")
+    rewind: bool = Field(False, description="iterative: reset surviving weights to the stage start each round")
 
     @model_validator(mode="after")
     def _consistent(self) -> MagnitudePruneConfig:
@@ -89,10 +92,18 @@ class MagnitudePruneConfig(SelectionConfig):
                 raise ValueError("alpha: a fixed alpha sets the sparsity itself; omit sparsity, use oneshot")
         elif self.sparsity is None and self.granularity != "nm":
             raise ValueError(f"sparsity: required for granularity {self.granularity}")
+        if self.rewind and self.schedule != "iterative":
+            raise ValueError("rewind: only with schedule iterative (rounds of prune, rewind, retrain)")
         return self
 
 
-def finetune(state: ModelState, cfg: FinetuneConfig, ctx: StageContext, description: str) -> None:
+def finetune(
+    state: ModelState,
+    cfg: FinetuneConfig,
+    ctx: StageContext,
+    description: str,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
     if cfg.epochs == 0:
         return
     fit(
@@ -109,6 +120,7 @@ def finetune(state: ModelState, cfg: FinetuneConfig, ctx: StageContext, descript
         masks=state.masks,
         progress=ctx.progress,
         description=description,
+        on_step=on_step,
     )
 
 
@@ -219,29 +231,77 @@ def _prune_unstructured(
     state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext, layers: dict[str, nn.Module]
 ) -> dict[str, Any]:
     initial, _, _ = targeted_sparsity(layers)
-    targets = [cfg.sparsity] if cfg.sparsity is None else step_targets(cfg, initial, cfg.sparsity)
     generator = torch.Generator().manual_seed(ctx.seed)
-    snapshot = {k: v.detach().clone() for k, v in state.model.state_dict().items()} if cfg.rewind else None
-    steps: list[dict[str, Any]] = []
     alphas: dict[str, float] = {}
-    for index, target in enumerate(targets):
+
+    def prune_to(target: float | None) -> None:
+        nonlocal alphas
         if cfg.mode == "randomized":
             new_masks, alphas = randomized_masks(
                 layers, target or 0.0, cfg.scope, generator, alpha=cfg.alpha, existing=state.masks
             )
         else:
             new_masks = magnitude_masks(layers, target, cfg.scope, existing=state.masks)
-        merge_masks(state.masks, new_masks)
+        merge_masks(state.masks, new_masks)  # in place: a running fit() holds this very dict
         apply_masks(state.model, state.masks)
-        if snapshot is not None:
-            rewind_to(state.model, snapshot, state.masks)
-        steps.append(_prune_step(state, cfg, ctx, layers, index, len(targets), target))
+
+    if cfg.schedule == "gradual":
+        steps = _gradual_while_training(state, cfg, ctx, layers, prune_to, initial)
+        epochs_total = cfg.finetune.epochs
+    else:
+        targets = [cfg.sparsity] if cfg.sparsity is None else step_targets(cfg, initial, cfg.sparsity)
+        snapshot = {k: v.detach().clone() for k, v in state.model.state_dict().items()} if cfg.rewind else None
+        steps = []
+        for index, target in enumerate(targets):
+            prune_to(target)
+            if snapshot is not None:
+                rewind_to(state.model, snapshot, state.masks)
+            steps.append(_prune_step(state, cfg, ctx, layers, index, len(targets), target))
+        epochs_total = cfg.finetune.epochs * len(targets)
     info: dict[str, Any] = {"pruned_layers": sorted(layers), "steps": steps}
     info["metric_before_finetune"] = steps[-1]["metric_after_prune"]
-    info["finetune_epochs_total"] = cfg.finetune.epochs * len(targets)
+    info["finetune_epochs_total"] = epochs_total
     if cfg.mode == "randomized":
         info["alpha"] = next(iter(alphas.values())) if cfg.scope == "global" else alphas
     return info
+
+
+def _gradual_while_training(
+    state: ModelState,
+    cfg: MagnitudePruneConfig,
+    ctx: StageContext,
+    layers: dict[str, nn.Module],
+    prune_to: Callable[[float], None],
+    initial: float,
+) -> list[dict[str, Any]]:
+    """Zhu & Gupta inside one fine-tuning run: `steps` pruning events evenly spaced over the first `ramp`
+    of its optimizer steps (the first before any training), then training on with the masks fixed.
+
+    One run with one learning-rate schedule, instead of a fit per step: each event removes a sliver, and
+    the network keeps adapting between events.
+    """
+    targets = gradual_sparsities(initial, cfg.sparsity, cfg.steps)
+    per_epoch = len(epoch_shards(len(ctx.data.train), ctx.batch_size, ctx.seed))
+    ramp_end = cfg.ramp * cfg.finetune.epochs * per_epoch
+    at = [round(k * ramp_end / len(targets)) for k in range(len(targets))]
+    record: list[dict[str, Any]] = []
+
+    def on_step(done: int) -> None:
+        while len(record) < len(targets) and at[len(record)] <= done:
+            index = len(record)
+            prune_to(targets[index])
+            sparsity, _, _ = targeted_sparsity(layers)
+            record.append({"step": index + 1, "iteration": done, "target": targets[index], "sparsity": sparsity})
+            if len(record) == len(targets):
+                record[-1]["metric_after_prune"] = ctx.evaluate(state.model)
+
+    on_step(0)
+    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: gradual prune + fine-tune", on_step=on_step)
+    ctx.progress.log(
+        f"{ctx.stage_name}: gradual, {len(targets)} steps to {record[-1]['sparsity']:.4f}, "
+        f"metric right after the last step {record[-1]['metric_after_prune']:.4f}"
+    )
+    return record
 
 
 def _prune_step(

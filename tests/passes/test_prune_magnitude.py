@@ -114,6 +114,20 @@ def test_gradual_schedule_follows_the_cubic(small_context) -> None:
     assert info["steps"][-1]["sparsity"] == pytest.approx(0.8, abs=1 / total)
 
 
+def test_gradual_prunes_while_training_over_the_ramp(small_context) -> None:
+    model = _resnet8()
+    # 64 samples in batches of 8: 8 optimizer steps; ramp 0.5 puts the 4 events at steps 0, 1, 2, 3
+    state, info = _prune(model, small_context, sparsity=0.8, schedule="gradual", steps=4, ramp=0.5,
+                         finetune={"epochs": 1, "lr": 0.05})  # fmt: skip
+    assert [s["iteration"] for s in info["steps"]] == [0, 1, 2, 3]
+    total = info["weights_total_after"] - model.fc.weight.numel()
+    assert info["weights_zero_after"] == round(0.8 * total)
+    params = dict(model.named_parameters())
+    for key, mask in state.masks.items():
+        assert torch.all(params[key][~mask] == 0) and torch.all(params[key][mask] != 0), key
+    assert info["finetune_epochs_total"] == 1
+
+
 def test_iterative_schedule_prunes_a_fifth_of_what_remains(small_context) -> None:
     model = _resnet8()
     target = 1 - 0.8**4
@@ -165,6 +179,7 @@ def test_randomized_mode_keeps_the_expected_fraction(small_context) -> None:
         ({"sparsity": 0.5, "alpha": 1.0}, "alpha"),
         ({"granularity": "unstructured"}, "sparsity"),
         ({"granularity": "nm", "n": 4, "m": 4}, "n"),
+        ({"sparsity": 0.5, "rewind": True}, "rewind"),
     ],
 )
 def test_inconsistent_params_are_refused_naming_the_field(params: dict, field: str) -> None:
