@@ -327,12 +327,17 @@ def test_prune_distill_export_from_the_cli_alone_and_under_torchrun(tiny_recipe:
         {"name": "prune", "pass": "prune.magnitude", "params": {"sparsity": 0.95, "finetune": {"epochs": 0}}},
         {"name": "recover", "pass": "distill.dot", "params": {"epochs": 2, "lr": 0.05}, "gate": {"max_drop": 0.3}},
     ]
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
     recipe = str(write_recipe(tiny_recipe))
+    # alone in this process (and the reference it trains is cached for the second run)
+    result = CliRunner().invoke(app, ["run", recipe, "--quiet", "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = ["-m", "compress.cli", "run", recipe, "--quiet", "--out"]
-    _cli([sys.executable, *run, str(tmp_path / "one")], env)  # also caches the reference the second run reuses
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _cli([*torchrun, *run, str(tmp_path / "two")], env)
+    _cli([*torchrun, "-m", "compress.cli", "run", recipe, "--quiet", "--out", str(tmp_path / "two")], env)
     for out in ("one", "two"):
         report = json.loads((tmp_path / out / "report.json").read_text())
         assert report["status"] == "passed", out
