@@ -22,6 +22,7 @@ from compress import distributed
 from compress.atomic import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from compress.data import DataSplits, load_data
 from compress.errors import BadInput, GateFailed
+from compress.faults import pause_point
 from compress.gate import check_gate
 from compress.metrics import MetricFn, resolve_metric
 from compress.models import build_model, load_checkpoint
@@ -66,6 +67,16 @@ def check_output_dir(out: Path) -> None:
         raise BadInput(f"--out {out}: {probe} exists and is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BadInput(f"--out {out}: directory {probe} is not writable")
+    if out.is_dir():
+        check_no_escaping_links(out)
+
+
+def check_no_escaping_links(out: Path) -> None:
+    """Writes into the run directory must stay in it: a symlink inside pointing elsewhere is refused."""
+    root = out.resolve()
+    for path in out.rglob("*"):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise BadInput(f"--out {out}: {path} is a symlink to {path.resolve()}, outside the run directory")
 
 
 def versions() -> dict[str, str]:
@@ -238,7 +249,9 @@ class Runner:
             atomic_write_json(baseline_dir / "metrics.json", entry)
         self.report["baseline"] = entry
         self.baseline_state = ModelState(copy.deepcopy(model).eval())
-        self.baseline_key = stable_hash({"source": source, "seed": self.recipe.seed})
+        # whether the reference came from the cache is not part of what the model is
+        identity = {k: v for k, v in source.items() if k != "cached"}
+        self.baseline_key = stable_hash({"source": identity, "seed": self.recipe.seed})
         progress.log(f"baseline: val {metric:.4f}, test {test_metric:.4f}")
         return state
 
@@ -265,6 +278,7 @@ class Runner:
             if loaded is None and (passed or stage.gate.on_fail == "continue") and distributed.is_main():
                 store.save(key, state, entry)
             distributed.barrier()  # a stage's files are complete before any rank moves on
+            pause_point(f"after-stage:{stage.name}")
             self.report["stages"].append(entry)
             if not passed:
                 if stage.gate.on_fail == "stop":
