@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from compress.data import make_loader
 from compress.distributed import average_buffers, epoch_shards, reduce_gradients, shard_loader
+from compress.faults import pause_point
 from compress.progress import RunProgress
 from compress.sparsity import apply_masks, mask_gradients
 
@@ -106,6 +107,7 @@ def fit(
                 running += loss.item() * len(labels)
                 seen += len(labels)
                 advance(1, f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
+            pause_point(f"{description}:epoch:{epoch + 1}")
             average_buffers(model)
     model.eval()
 
