@@ -23,6 +23,8 @@ class ModelState:
     model: nn.Module
     # parameter name -> bool keep-mask; every later stage keeps masked weights at exactly zero
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the quantization plan (plain data) once a quantize stage ran: resume rebuilds the quantized graph
+    quant: dict[str, Any] | None = None
 
     def checkpoint(self) -> dict[str, Any]:
         """Tensors and plain data only, so the checkpoint loads with weights_only=True."""
@@ -32,6 +34,7 @@ class ModelState:
             "masks": {k: v.cpu() for k, v in self.masks.items()},
             # layer sizes as plain data: a channel-pruned model is rebuilt from the recipe, then resized
             "structure": structure_record(self.model),
+            **({"quant": self.quant} if self.quant is not None else {}),
         }
 
     @classmethod
@@ -40,9 +43,15 @@ class ModelState:
             raise ValueError(f"not a compress stage checkpoint (format {payload.get('format')!r})")
         if "structure" in payload:
             apply_structure(template, payload["structure"], payload["state_dict"])
+        quant = payload.get("quant")
+        if quant is not None:
+            from compress.quant import is_quantized, restore
+
+            if not is_quantized(template):
+                template = restore(template, quant, payload["state_dict"])
         template.load_state_dict(payload["state_dict"])
         device = next(template.parameters()).device
-        return cls(template, {k: v.to(device) for k, v in payload["masks"].items()})
+        return cls(template, {k: v.to(device) for k, v in payload["masks"].items()}, quant)
 
 
 @dataclass

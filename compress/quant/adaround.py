@@ -1,0 +1,233 @@
+"""AdaRound (Nagel et al. 2020), layer by layer, as ../shared/ALGORITHMS.md section 3 lays it out.
+
+For each quantized layer in forward order, on cached calibration data:
+  inputs  x~ = the layer's (activation-quantized) input in the model whose earlier layers are already
+               hard-rounded: the "asymmetric" reconstruction, so later layers correct earlier errors;
+  targets y  = f(W x) from the BN-folded float model, f the ReLU/ReLU6 that follows the layer, if any;
+  W~ = s * clip(floor(W/s) + h(V), -qmax, qmax), h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1);
+  loss = sum over output channels, mean over batch and positions, of (f(W~ x~ + b) - y)^2
+         + lambda * sum(1 - |2 h(V) - 1|^beta), the regulariser off for the warm start, then beta
+         annealed from beta_start to beta_end by a cosine (as AIMET and torch.ao do);
+  Adam on V only; at the end the integers are floor(W/s) + 1[V >= 0], clipped.
+Weights a pruning mask holds at zero are multiplied by the mask in W~ and in the integers, so no
+rounding decision can move them off zero (0 is on the symmetric grid).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.quant.graph import quant_layers, set_float
+from compress.quant.grid import quantize_weight, weight_qmax
+from compress.quant.modules import QuantLayer
+
+ZETA, GAMMA = 1.1, -0.1
+ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor]] = {
+    None: lambda x: x,
+    "relu": F.relu,
+    "relu6": F.relu6,
+}
+
+
+@dataclass
+class AdaRoundSettings:
+    iterations: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    cache_bytes: int = 2 * 1024**3
+    seed: int = 0
+
+
+@dataclass
+class LayerReport:
+    name: str
+    bits: int
+    seconds: float = 0.0
+    loss_before: float = 0.0  # reconstruction loss with round-to-nearest
+    loss_after: float = 0.0  # with the learned hard rounding
+    samples: int = 0
+    activation: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def h_of_v(v: Tensor) -> Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def init_v(weight_over_scale: Tensor) -> Tensor:
+    """V with h(V) = frac(W/s), the soft rounding starting where round-to-nearest's information is."""
+    rest = weight_over_scale - torch.floor(weight_over_scale)
+    return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+
+
+def hard_round(w_floor: Tensor, v: Tensor, qmax: int, mask: Tensor | None) -> Tensor:
+    q = torch.clamp(w_floor + (v >= 0).to(w_floor.dtype), -qmax, qmax)
+    return q * mask if mask is not None else q
+
+
+def beta_at(step: int, settings: AdaRoundSettings) -> float | None:
+    """None during the warm start (no regulariser), then cosine from beta_start to beta_end."""
+    warm = settings.warm_start * settings.iterations
+    if step < warm:
+        return None
+    progress = (step - warm) / max(settings.iterations - warm, 1)
+    return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(progress * math.pi))
+
+
+def _scale_view(layer: QuantLayer) -> Tensor:
+    return layer.weight_scale.view(-1, *([1] * (layer.float_weight.dim() - 1)))
+
+
+def set_rtn(layer: QuantLayer, mask: Tensor | None) -> None:
+    q = quantize_weight(layer.float_weight, layer.weight_scale, layer.bits)
+    if mask is not None:
+        q = q * mask
+    layer.weight_int.copy_(q.to(torch.int8))
+
+
+def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Sum over output channels (dim 1), mean over everything else."""
+    return (out - target).pow(2).sum(dim=1).mean()
+
+
+def _output_numel(layer: QuantLayer, x: Tensor) -> int:
+    with torch.no_grad():
+        return layer.functional(x, layer.weight).numel()
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layer: QuantLayer, inputs: Tensor, want: str, batch: int, device: torch.device) -> Tensor:
+    """The layer's input (want='input') or output ('output') over all inputs, stopping the forward there."""
+    chunks: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        chunks.append((args[0] if want == "input" else output).detach())
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        for start in range(0, len(inputs), batch):
+            try:
+                model(inputs[start : start + batch].to(device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _eval_loss(layer: QuantLayer, x: Tensor, y: Tensor, act: Callable[[Tensor], Tensor], weight: Tensor) -> float:
+    total = 0.0
+    for start in range(0, len(x), 256):
+        out = act(layer.functional(x[start : start + 256], weight))
+        total += float((out - y[start : start + 256]).pow(2).sum(dim=1).mean()) * len(out)
+    return total / max(len(x), 1)
+
+
+def optimize_layer(
+    layer: QuantLayer,
+    x: Tensor,
+    y: Tensor,
+    act: Callable[[Tensor], Tensor],
+    settings: AdaRoundSettings,
+    mask: Tensor | None,
+    generator: torch.Generator,
+    advance: Callable[..., None] | None = None,
+) -> Tensor:
+    """Learn V for one layer on cached (x~, y); returns the final V (the integers are set in `layer`)."""
+    scale = _scale_view(layer)
+    w_over_s = layer.float_weight / scale
+    w_floor = torch.floor(w_over_s)
+    qmax = weight_qmax(layer.bits)
+    v = init_v(w_over_s).requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=settings.lr)
+    n = len(x)
+    report_every = max(1, min(100, settings.iterations // 20))
+    for step in range(settings.iterations):
+        idx = torch.randperm(n, generator=generator)[: settings.batch_size].to(x.device)
+        h = h_of_v(v)
+        w_soft = scale * torch.clamp(w_floor + h, -qmax, qmax)
+        if mask is not None:
+            w_soft = w_soft * mask
+        recon = reconstruction_loss(act(layer.functional(x[idx], w_soft)), y[idx])
+        beta = beta_at(step, settings)
+        loss = recon
+        if beta is not None:
+            reg = (1 - (2 * h - 1).abs().pow(beta))
+            if mask is not None:
+                reg = reg * mask
+            loss = recon + settings.reg_lambda * reg.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if advance is not None and ((step + 1) % report_every == 0 or step + 1 == settings.iterations):
+            advance(report_every if (step + 1) % report_every == 0 else (step + 1) % report_every,
+                    f"iteration {step + 1}/{settings.iterations} recon {float(recon.detach()):.4g}")
+    v = v.detach()
+    layer.weight_int.copy_(hard_round(w_floor, v, qmax, mask).to(torch.int8))
+    return v
+
+
+def run_adaround(
+    model: nn.Module,
+    inputs: Tensor,
+    settings: AdaRoundSettings,
+    *,
+    masks: dict[str, Tensor],
+    activations: dict[str, str | None],
+    device: torch.device,
+    task: Callable[[str, int], Any] | None = None,
+) -> tuple[list[LayerReport], dict[str, int]]:
+    """AdaRound every QuantLayer of `model` in forward order. Every layer must already hold its
+    round-to-nearest integers and every activation quantizer its scale. Returns per-layer reports and,
+    for layers whose cache would exceed the budget, how many samples were kept."""
+    layers = quant_layers(model)
+    generator = torch.Generator().manual_seed(settings.seed)
+    reports: list[LayerReport] = []
+    subsampled: dict[str, int] = {}
+    for index, (name, layer) in enumerate(layers.items()):
+        started = time.perf_counter()
+        mask = masks.get(f"{name}.weight")
+        mask = mask.to(device=layer.float_weight.device, dtype=layer.float_weight.dtype) if mask is not None else None
+        act = ACTIVATIONS[activations.get(name)]
+        # one sample tells the cache's size per sample: inputs and targets, kept within the budget
+        probe_in = _capture(model, layer, inputs[:1], "input", 1, device)
+        per_sample = probe_in.element_size() * (probe_in.numel() + _output_numel(layer, probe_in))
+        keep = max(1, min(len(inputs), settings.cache_bytes // per_sample))
+        if keep < len(inputs):
+            subsampled[name] = keep
+        batch = 256
+        x = _capture(model, layer, inputs[:keep], "input", batch, device)
+        set_float(model, True)
+        y = act(_capture(model, layer, inputs[:keep], "output", batch, device))
+        set_float(model, False)
+        report = LayerReport(name, layer.bits, samples=keep, activation=activations.get(name))
+        rtn_weight = layer.weight.clone()
+        report.loss_before = _eval_loss(layer, x, y, act, rtn_weight)
+        description = f"adaround {index + 1}/{len(layers)} {name} (W{layer.bits})"
+        if task is not None and settings.iterations > 0:
+            with task(description, settings.iterations) as advance:
+                optimize_layer(layer, x, y, act, settings, mask, generator, advance)
+        else:
+            optimize_layer(layer, x, y, act, settings, mask, generator)
+        report.loss_after = _eval_loss(layer, x, y, act, layer.weight)
+        report.seconds = time.perf_counter() - started
+        reports.append(report)
+        del x, y
+    return reports, subsampled

@@ -1,0 +1,100 @@
+"""Activation ranges from calibration data: min-max, percentile or MSE, per quantizer.
+
+One pass records max|x|; percentile and MSE take a second pass that fills a histogram of |x| over
+[0, max|x|] and choose amax from it (symmetric grid, so the sign does not matter).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from compress.quant.graph import act_quantizers, set_float
+
+ActCalibration = Literal["minmax", "percentile", "mse"]
+BINS = 4096
+
+
+class _AbsMax:
+    def __init__(self) -> None:
+        self.amax = 0.0
+
+    def __call__(self, x: Tensor) -> None:
+        if x.numel():
+            self.amax = max(self.amax, float(x.abs().max()))
+
+
+class _Histogram:
+    def __init__(self, amax: float) -> None:
+        self.amax = max(amax, 1e-12)
+        self.counts = torch.zeros(BINS, dtype=torch.float64)
+
+    def __call__(self, x: Tensor) -> None:
+        hist = torch.histc(x.abs().float(), bins=BINS, min=0.0, max=self.amax)
+        self.counts += hist.double().cpu()
+
+
+def _run(model: nn.Module, inputs: Tensor, batch_size: int, device: torch.device) -> None:
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start : start + batch_size].to(device))
+
+
+def percentile_amax(hist: _Histogram, percentile: float) -> float:
+    cdf = torch.cumsum(hist.counts, 0)
+    if cdf[-1] <= 0:
+        return hist.amax
+    index = int(torch.searchsorted(cdf, cdf[-1] * percentile / 100.0))
+    return hist.amax * min(index + 1, BINS) / BINS
+
+
+def mse_amax(hist: _Histogram, qmax: int) -> float:
+    """amax among the histogram's bin edges minimising the expected squared quantization error."""
+    width = hist.amax / BINS
+    centers = (torch.arange(BINS, dtype=torch.float64) + 0.5) * width
+    counts = hist.counts
+    candidates = torch.arange(BINS // 16, BINS + 1, 4, dtype=torch.float64) * width
+    scale = (candidates / qmax)[:, None]
+    q = torch.clamp(torch.round(centers[None, :] / scale), max=qmax) * scale
+    err = ((centers[None, :] - q).pow(2) * counts[None, :]).sum(dim=1)
+    return float(candidates[int(torch.argmin(err))])
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module,
+    inputs: Tensor,
+    method: ActCalibration,
+    *,
+    percentile: float = 99.99,
+    batch_size: int = 256,
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, float]:
+    """Set every ActQuant's scale from the float (BN-folded) model's activations; returns name -> amax."""
+    quantizers = act_quantizers(model)
+    if not quantizers:
+        return {}
+    set_float(model, True)
+    try:
+        absmax = {name: _AbsMax() for name in quantizers}
+        for name, q in quantizers.items():
+            q.mode, q.observer = "observe", absmax[name]
+        _run(model, inputs, batch_size, device)
+        amax = {name: obs.amax for name, obs in absmax.items()}
+        if method != "minmax":
+            hists = {name: _Histogram(amax[name]) for name in quantizers}
+            for name, q in quantizers.items():
+                q.observer = hists[name]
+            _run(model, inputs, batch_size, device)
+            for name, q in quantizers.items():
+                amax[name] = (
+                    percentile_amax(hists[name], percentile) if method == "percentile" else mse_amax(hists[name], q.qmax)
+                )
+    finally:
+        for q in quantizers.values():
+            q.observer = None
+        set_float(model, False)
+    for name, q in quantizers.items():
+        q.set_amax(amax[name])
+    return amax

@@ -1,0 +1,253 @@
+"""From a float model to its quantized graph: trace, fold BatchNorm, wrap layers, place activation quantizers.
+
+Everything the transformation decides is written into a plan of plain data (which BN folded into which
+layer, bits per layer, where each activation quantizer sits and whom it feeds). The pass builds from a
+plan with the real weights; a stage checkpoint stores the plan, and resume rebuilds the same graph from
+a template of the original architecture, then loads the integers and scales into it.
+
+Quantizer placement follows TensorRT's explicit quantization: a Q/DQ pair on the input of every
+quantized Conv/Linear, and on the skip branch of a residual add (the operand that is not the output
+of the layer TensorRT fuses the add into), so Conv+Add(+ReLU) run in int8. One quantizer per tensor:
+consumers of the same tensor share it, so the ONNX graph has one Q/DQ pair per quantized tensor.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from compress.errors import BadInput
+from compress.quant.modules import LAYER_TYPES, ActQuant, QuantLayer
+
+PLAN_FORMAT = "compress.quant/1"
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+RELU_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6"}
+ACT_MODULE = "act_quant"  # the ModuleDict holding the activation quantizers
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types for one cause: code it cannot trace
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(
+            f"model.arch: quantization needs a torch.fx-traceable model; tracing failed: {first}"
+        ) from None
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayer) for m in model.modules())
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+# --- BN folding ----------------------------------------------------------------------------------------
+
+
+def foldable_pairs(gm: fx.GraphModule) -> dict[str, str]:
+    """layer name -> BN name, for each BN whose input is a Conv/Linear output used by nothing else."""
+    pairs: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        bn = _module(gm, node)
+        if not isinstance(bn, BN_TYPES) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        producer = node.args[0]
+        layer = _module(gm, producer)
+        if isinstance(layer, LAYER_TYPES) and len(producer.users) == 1 and bn.track_running_stats:
+            if layer.weight.shape[0] == bn.num_features and producer.target not in pairs:
+                pairs[str(producer.target)] = str(node.target)
+    return pairs
+
+
+@torch.no_grad()
+def fold_bn(layer: nn.Module, bn: nn.Module) -> None:
+    """W' = W * gamma/sigma per output channel, b' = (b - mu) * gamma/sigma + beta."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(std)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    layer.weight.mul_(factor.view(-1, *([1] * (layer.weight.dim() - 1))))
+    layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+
+
+def _remove_bn_nodes(gm: fx.GraphModule, pairs: dict[str, str]) -> None:
+    folded = set(pairs.values())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in folded:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            _set_module(gm, str(node.target), nn.Identity())
+
+
+# --- planning --------------------------------------------------------------------------------------------
+
+
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if isinstance(_module(gm, n), LAYER_TYPES + (QuantLayer,))]
+
+
+def _resolve_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    while isinstance(_module(gm, node), nn.Identity) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def following_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """'relu' / 'relu6' when the layer's only consumer is that activation (AdaRound's loss includes it)."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    module = _module(gm, user)
+    if module is not None:
+        return RELU_MODULES.get(type(module))
+    if user.op == "call_function":
+        return RELU_FUNCTIONS.get(user.target)
+    if user.op == "call_method" and user.target == "relu":
+        return "relu"
+    return None
+
+
+def make_plan(
+    model: nn.Module,
+    *,
+    weight_bits: int,
+    activation_bits: int | None,
+    layer_bits: dict[str, int],
+    skip: list[str],
+    first_last_8bit: bool,
+) -> dict[str, Any]:
+    """Decide everything (on a throwaway trace) and return it as plain data."""
+    gm = trace(model)
+    pairs = foldable_pairs(gm)
+    _remove_bn_nodes(gm, pairs)
+    names = [str(n.target) for n in layer_nodes(gm)]
+    for field, patterns in (("layer_bits", list(layer_bits)), ("skip", skip)):
+        for pattern in patterns:
+            if not any(fnmatch(name, pattern) for name in names):
+                raise BadInput(f"params.{field}: pattern {pattern!r} matches no Conv/Linear layer")
+    quantized = [n for n in names if not any(fnmatch(n, p) for p in skip)]
+    if not quantized:
+        raise BadInput("params.skip: every Conv/Linear layer is skipped, nothing left to quantize")
+    bits: dict[str, int] = {}
+    for name in quantized:
+        chosen = weight_bits
+        if first_last_8bit and name in (quantized[0], quantized[-1]):
+            chosen = 8
+        for pattern, value in layer_bits.items():  # explicit patterns have the last word; first match wins
+            if fnmatch(name, pattern):
+                chosen = value
+                break
+        bits[name] = chosen
+    activations = _place_activation_quantizers(gm, set(quantized)) if activation_bits else []
+    return {
+        "format": PLAN_FORMAT,
+        "folded": pairs,
+        "bits": bits,
+        "float_layers": [n for n in names if n not in bits],
+        "activation_bits": activation_bits,
+        "activations": activations,
+    }
+
+
+def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str]) -> list[dict[str, Any]]:
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    wanted: dict[fx.Node, list[list[str]]] = {}  # source tensor -> [(consumer, the arg it replaces)]
+
+    def want(consumer: fx.Node, arg: fx.Node) -> None:
+        source = _resolve_identity(gm, arg)
+        wanted.setdefault(source, []).append([consumer.name, arg.name])
+
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if isinstance(module, LAYER_TYPES) and str(node.target) in quantized:
+            if isinstance(node.args[0], fx.Node):
+                want(node, node.args[0])
+        elif node.op == "call_function" and node.target in ADD_TARGETS:
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(operands) != 2:
+                continue
+            from_layer = [a for a in operands if isinstance(_module(gm, _resolve_identity(gm, a)), LAYER_TYPES)]
+            if not from_layer:
+                continue  # neither side can fuse the add: leave it float
+            fused = max(from_layer, key=lambda a: order[_resolve_identity(gm, a)])
+            for operand in operands:
+                if operand is not fused:
+                    want(node, operand)
+    return [
+        {"key": f"q_{source.name}", "source": source.name, "consumers": consumers}
+        for source, consumers in sorted(wanted.items(), key=lambda item: order[item[0]])
+    ]
+
+
+# --- building --------------------------------------------------------------------------------------------
+
+
+def build(model: nn.Module, plan: dict[str, Any], *, with_weights: bool = True) -> fx.GraphModule:
+    """The quantized graph of `model` (not modified) following `plan`.
+
+    with_weights: fold the real BN statistics and keep the float weights for calibration and rounding;
+    without, only the structure is made (a template for loading a checkpoint's integers and scales).
+    """
+    if plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a quantization plan (format {plan.get('format')!r})")
+    model = copy.deepcopy(model)  # fx shares submodules with the traced root: never fold the caller's
+    gm = trace(model)
+    for layer_name, bn_name in plan["folded"].items():
+        layer, bn = gm.get_submodule(layer_name), gm.get_submodule(bn_name)
+        if with_weights:
+            fold_bn(layer, bn)
+        elif layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
+    _remove_bn_nodes(gm, plan["folded"])
+    for name, bits in plan["bits"].items():
+        wrapped = QuantLayer(gm.get_submodule(name), bits)
+        if not with_weights:
+            wrapped.drop_float_weight()
+        _set_module(gm, name, wrapped)
+    if plan["activations"]:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        gm.add_module(ACT_MODULE, nn.ModuleDict())
+        for entry in plan["activations"]:
+            getattr(gm, ACT_MODULE)[entry["key"]] = ActQuant(plan["activation_bits"])
+            source = nodes[entry["source"]]
+            with gm.graph.inserting_after(source):
+                qnode = gm.graph.call_module(f"{ACT_MODULE}.{entry['key']}", (source,))
+            for consumer, arg in entry["consumers"]:
+                nodes[consumer].replace_input_with(nodes[arg], qnode)
+    gm.graph.lint()
+    gm.recompile()
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    return gm.to(device)
+
+
+def quant_layers(gm: nn.Module) -> dict[str, QuantLayer]:
+    return {name: m for name, m in gm.named_modules() if isinstance(m, QuantLayer)}
+
+
+def act_quantizers(gm: nn.Module) -> dict[str, ActQuant]:
+    return {name: m for name, m in gm.named_modules() if isinstance(m, ActQuant)}
+
+
+def set_float(gm: nn.Module, on: bool) -> None:
+    """Float mode (float weights, no activation quantization): the folded float model AdaRound targets."""
+    for module in gm.modules():
+        if isinstance(module, QuantLayer):
+            module.use_float = on
+        elif isinstance(module, ActQuant):
+            module.mode = "float" if on else "quant"

@@ -1,0 +1,131 @@
+"""Quantized modules whose forward is, op for op, the ONNX QDQ graph they export to.
+
+- ActQuant: round(x / scale) half to even, saturated, times scale, zero point 0: ONNX QuantizeLinear
+  then DequantizeLinear, bit for bit; it exports to that pair.
+- QuantLayer: a Conv1d/2d/3d or Linear whose weight is int8 integers times a per-channel scale. The
+  weight goes through fake_quantize_per_channel_affine, which returns the same values (they are on the
+  grid already) and makes the export carry per-channel weight Q/DQ with axis 0, as TensorRT wants.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.quant.grid import MIN_SCALE, activation_range
+
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ActMode = Literal["quant", "float", "observe"]
+
+
+class QuantDequant(torch.autograd.Function):
+    """clamp(round(x / scale)) * scale, round half to even: ONNX QuantizeLinear then DequantizeLinear.
+
+    Not torch.fake_quantize_per_tensor_affine: it multiplies by 1/scale, which differs from ONNX's
+    x / scale in the last bit, enough to send exact ties (common: image pixels are binary fractions)
+    to the other side. The exporter writes this as a Q/DQ pair with a constant zero point 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: ANN001
+        q = torch.round(x / scale)
+        ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        return torch.clamp(q, qmin, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None  # straight-through inside the range
+
+    @staticmethod
+    def symbolic(g, x, scale, qmin: int, qmax: int):  # noqa: ANN001, ANN205
+        dtype = torch.int8 if qmax <= 127 else torch.int16  # int16 Q/DQ needs opset 21
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero), scale, zero)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor symmetric fake quantization of an activation; `observe` mode feeds a calibrator."""
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = activation_range(bits)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.mode: ActMode = "quant"
+        self.observer = None  # set by compress.quant.calibrate while observing
+
+    def set_amax(self, amax: float) -> None:
+        self.scale.fill_(max(float(amax), MIN_SCALE) / self.qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "quant":
+            return QuantDequant.apply(x, self.scale, self.qmin, self.qmax)
+        if self.mode == "observe" and self.observer is not None:
+            self.observer(x.detach())
+        return x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={float(self.scale):.6g}"
+
+
+class QuantLayer(nn.Module):
+    """A Conv/Linear with integer weights. The float (BN-folded) weight is kept only while the pass runs,
+    as a non-persistent buffer, so AdaRound can compute targets; the checkpoint holds integers and scales."""
+
+    def __init__(self, layer: nn.Module, bits: int) -> None:
+        super().__init__()
+        if not isinstance(layer, LAYER_TYPES):
+            raise TypeError(f"cannot quantize {type(layer).__name__}")
+        self.kind = type(layer).__name__
+        self.bits = bits
+        weight = layer.weight.detach()
+        if isinstance(layer, nn.Linear):
+            self.conv_args: dict = {}
+        else:
+            if layer.padding_mode != "zeros":
+                raise TypeError(f"padding_mode {layer.padding_mode!r} is not supported")
+            self.conv_args = {
+                "stride": layer.stride,
+                "padding": layer.padding,
+                "dilation": layer.dilation,
+                "groups": layer.groups,
+            }
+        out_channels = weight.shape[0]
+        self.register_buffer("weight_int", torch.zeros(weight.shape, dtype=torch.int8, device=weight.device))
+        self.register_buffer("weight_scale", torch.ones(out_channels, device=weight.device))
+        self.register_buffer("float_weight", weight.clone().float(), persistent=False)
+        # a Parameter (frozen) rather than a buffer: tools that ask a model for its parameters still find one
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.use_float = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight this layer computes with: integers times scales (read-only view for reports)."""
+        if self.use_float:
+            return self.float_weight
+        return self.weight_int.float() * self.weight_scale.view(-1, *([1] * (self.weight_int.dim() - 1)))
+
+    def functional(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.kind == "Linear":
+            return F.linear(x, weight, self.bias)
+        conv = {"Conv1d": F.conv1d, "Conv2d": F.conv2d, "Conv3d": F.conv3d}[self.kind]
+        return conv(x, weight, self.bias, **self.conv_args)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_float:
+            return self.functional(x, self.float_weight)
+        scale = self.weight_scale
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        weight = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -128, 127)
+        return self.functional(x, weight)
+
+    def drop_float_weight(self) -> None:
+        self.float_weight = torch.empty(0, device=self.weight_int.device)
+        self.use_float = False
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, bits={self.bits}, weight={tuple(self.weight_int.shape)}"

@@ -1,0 +1,237 @@
+"""The quantization building blocks: grid, BN folding, AdaRound's rounding, QDQ parity with ONNX Runtime."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compress.quant import ActQuant, build, make_plan
+from compress.quant.adaround import AdaRoundSettings, h_of_v, hard_round, init_v, optimize_layer, set_rtn
+from compress.quant.calibrate import calibrate_activations
+from compress.quant.graph import act_quantizers, quant_layers, set_float
+from compress.quant.grid import quantize_weight, weight_qmax, weight_scales
+
+
+class Block(nn.Module):
+    """Conv-BN-ReLU stem, a residual block with a projection shortcut, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        identity = self.shortcut(x)
+        out = self.bn2(self.conv2(x)) + identity
+        return self.fc(torch.flatten(self.pool(self.relu2(out)), 1))
+
+
+def _trained_like(seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    model = Block()
+    for m in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _plan(model: nn.Module, bits: int = 4, act: int | None = 8, **kw) -> dict:
+    return make_plan(model, weight_bits=bits, activation_bits=act, layer_bits=kw.get("layer_bits", {}),
+                     skip=kw.get("skip", []), first_last_8bit=kw.get("first_last_8bit", False))
+
+
+def test_grid_scales_and_rounding() -> None:
+    w = torch.randn(6, 3, 3, 3)
+    for bits in range(2, 9):
+        qmax = weight_qmax(bits)
+        for method in ("mse", "minmax"):
+            s = weight_scales(w, bits, method)
+            q = quantize_weight(w, s, bits)
+            assert q.abs().max() <= qmax and torch.equal(q, q.round())
+        minmax = weight_scales(w, bits, "minmax")
+        assert torch.allclose(minmax * qmax, w.abs().flatten(1).amax(1))
+        assert (weight_scales(w, bits, "mse") <= minmax + 1e-9).all()  # MSE only ever shrinks the range
+    assert weight_qmax(3) == 3  # the narrow symmetric grid: -3..3 at 3 bits
+
+
+def test_folded_model_equals_unfolded_in_float() -> None:
+    model = _trained_like()
+    x = torch.randn(4, 3, 12, 12)
+    plan = _plan(model)
+    assert plan["folded"] == {"conv1": "bn1", "conv2": "bn2", "shortcut.0": "shortcut.1"}
+    q = build(model, plan)
+    set_float(q, True)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the caller's model was modified"
+
+
+def test_quantizer_placement_follows_tensorrt() -> None:
+    model = _trained_like()
+    plan = _plan(model)
+    sources = {a["source"]: [c for c, _ in a["consumers"]] for a in plan["activations"]}
+    # inputs of every conv/linear, shared where one tensor feeds two convs
+    assert sorted(sources["x"]) == ["conv1"]
+    assert sorted(sources["relu1"]) == ["conv2", "shortcut_0"]
+    assert sources["flatten"] == ["fc"]
+    # the residual add: the shortcut conv's output (the skip) is quantized, conv2's output (fused) is not
+    assert sources["shortcut_0"] == ["add"]
+    assert "conv2" not in sources
+    skipped = _plan(model, skip=["fc"])
+    assert "flatten" not in {a["source"] for a in skipped["activations"]} and skipped["float_layers"] == ["fc"]
+    bits = _plan(model, bits=3, first_last_8bit=True, layer_bits={"conv2": 5})["bits"]
+    assert bits == {"conv1": 8, "shortcut.0": 3, "conv2": 5, "fc": 8}
+
+
+def test_h_of_v_init_reproduces_fractional_part() -> None:
+    w_over_s = torch.randn(1000) * 5
+    frac = w_over_s - torch.floor(w_over_s)
+    torch.testing.assert_close(h_of_v(init_v(w_over_s)), frac, atol=1e-5, rtol=0)
+
+
+def _layer_setup(bits: int = 3):
+    model = _trained_like()
+    q = build(model, _plan(model, bits=bits, act=None))
+    layer = quant_layers(q)["conv2"]
+    layer.weight_scale.copy_(weight_scales(layer.float_weight, bits, "mse"))
+    set_rtn(layer, None)
+    x = torch.relu(torch.randn(64, 8, 8, 8))
+    with torch.no_grad():
+        y = layer.functional(x, layer.float_weight)
+    return layer, x, y
+
+
+def test_hard_rounding_is_on_the_grid_within_one_step() -> None:
+    layer, x, y = _layer_setup(bits=3)
+    optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=40, batch_size=16), None,
+                   torch.Generator().manual_seed(0))
+    qmax = weight_qmax(3)
+    ints = layer.weight_int.float()
+    assert layer.weight_int.dtype == torch.int8 and ints.abs().max() <= qmax
+    s = layer.weight_scale.view(-1, 1, 1, 1)
+    clipped = torch.clamp(layer.float_weight / s, -qmax, qmax)  # a clipped weight's nearest value is the edge
+    assert ((ints - clipped).abs() <= 1 + 1e-5).all()
+
+
+def test_zero_iterations_equals_round_to_nearest() -> None:
+    layer, x, y = _layer_setup(bits=4)
+    rtn = layer.weight_int.clone()
+    optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=0), None, torch.Generator())
+    assert torch.equal(layer.weight_int, rtn)
+
+
+def test_masked_weights_stay_zero() -> None:
+    layer, x, y = _layer_setup(bits=2)
+    mask = torch.rand_like(layer.float_weight) > 0.5
+    layer.float_weight.mul_(mask)
+    set_rtn(layer, mask.float())
+    # a large learning rate would flip masked weights' rounding up if the mask did not hold them
+    optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=30, lr=1.0, batch_size=16),
+                   mask.float(), torch.Generator().manual_seed(0))
+    assert (layer.weight_int[~mask] == 0).all()
+    v = torch.full((3,), 5.0)
+    assert torch.equal(hard_round(torch.zeros(3), v, 1, torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def _quantized(model: nn.Module, bits: int = 4, act: int | None = 8) -> tuple[nn.Module, dict]:
+    plan = _plan(model, bits=bits, act=act)
+    q = build(model, plan)
+    for layer in quant_layers(q).values():
+        layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, "mse"))
+        set_rtn(layer, None)
+    calibrate_activations(q, torch.randn(64, 3, 12, 12), "mse")
+    for layer in quant_layers(q).values():
+        layer.drop_float_weight()
+    return q, plan
+
+
+def test_checkpoint_restores_the_same_quantized_model() -> None:
+    from compress.state import ModelState
+
+    model = _trained_like()
+    q, plan = _quantized(model)
+    payload = ModelState(q, {}, plan).checkpoint()
+    buffer = __import__("io").BytesIO()
+    torch.save(payload, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["state_dict"]["conv1.weight_int"].dtype == torch.int8
+    restored = ModelState.from_checkpoint(_trained_like(seed=5), loaded)
+    assert restored.quant == plan
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(restored.model(x), q(x))
+
+
+def test_fake_quant_matches_onnx_runtime_qdq(tmp_path: Path) -> None:
+    import onnx
+
+    import onnxruntime as ort
+
+    from export.lint import lint_onnx
+    from export.onnx_export import export_onnx
+    from export.ort_runner import ort_session, predict
+
+    model = _trained_like()
+    q, _ = _quantized(copy.deepcopy(model))
+    path = export_onnx(q, torch.randn(1, 3, 12, 12), tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # one Q/DQ pair per quantized activation tensor, one per weight
+    assert ops.count("QuantizeLinear") == len(act_quantizers(q)) + len(quant_layers(q))
+    assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear")
+    x = torch.randn(200, 3, 12, 12)
+    with torch.no_grad():
+        expected = q(x).numpy()
+    # ONNX Runtime's reference kernels: the same ops on the same floats, up to accumulation order
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
+    got = predict(reference, x.numpy())
+    assert np.abs(got - expected).max() < 1e-4
+    # fused int8 kernels (QLinearConv: int32 bias, fixed-point requantization) differ by a rounding step
+    # here and there; the prediction does not
+    fused = predict(ort_session(path), x.numpy())
+    assert (fused.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    assert lint_onnx(path) == []
+
+
+def test_act_quant_is_onnx_quantize_linear(tmp_path: Path) -> None:
+    from export.onnx_export import export_onnx
+    from export.ort_runner import ort_session, predict
+
+    quantizer = ActQuant(8)
+    quantizer.scale.fill_(0.25)  # a power of two: x / scale is exact, so ties are real ties
+    steps = torch.arange(-280, 280, dtype=torch.float32) * 0.5  # every half step, beyond saturation
+    x = (steps * 0.25).view(1, -1)
+    path = export_onnx(quantizer, x, tmp_path / "act.onnx")
+    got = predict(ort_session(path), x.numpy())
+    expected = quantizer(x).numpy()
+    assert np.array_equal(got, expected)
+    assert expected[0, steps.tolist().index(2.5)] == 0.5  # round half to even, as QuantizeLinear does
+    assert expected.min() == -128 * 0.25 and expected.max() == 127 * 0.25
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_activation_calibration(method: str) -> None:
+    model = _trained_like()
+    q = build(model, _plan(model))
+    amax = calibrate_activations(q, torch.randn(32, 3, 12, 12), method)
+    assert set(amax) == set(act_quantizers(q)) and all(v > 0 for v in amax.values())
+    for name, quantizer in act_quantizers(q).items():
+        assert float(quantizer.scale) == pytest.approx(amax[name] / 127, rel=1e-6)
