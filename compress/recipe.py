@@ -138,6 +138,10 @@ class ExportConfig(StrictModel):
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
 
 
+class ResourcesConfig(StrictModel):
+    memory_mb: float | None = Field(None, gt=0, description="refuse to start a run estimated to need more")
+
+
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
     name: str
@@ -147,6 +151,7 @@ class Recipe(StrictModel):
     metric: str = "top1"
     stages: list[StageConfig] = Field(default_factory=list)
     export: ExportConfig | None = Field(default_factory=ExportConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @field_validator("name")
     @classmethod

@@ -31,6 +31,7 @@ from compress.passes.registry import check_stages
 from compress.progress import RunProgress
 from compress.recipe import Recipe, load_recipe, stable_hash
 from compress.reference import obtain_reference
+from compress.resources import check_memory_budget
 from compress.report import print_summary, write_reports
 from compress.sparsity import sparsity_stats
 from compress.state import ModelState, StageContext
@@ -169,6 +170,7 @@ class Runner:
         channels, height, _ = self.data.input_shape
         torch.manual_seed(self.recipe.seed)
         model = build_model(cfg, in_channels=channels, num_classes=self.data.num_classes, input_size=height)
+        self.resources = check_memory_budget(self.recipe, self.data, model)
         if cfg.checkpoint:
             model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint, arch=cfg.arch)
             source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
@@ -218,6 +220,7 @@ class Runner:
                 "stages": [],
                 "export": {},
                 "failed_stage": None,
+                "resources": self.resources,
             }
             try:
                 state = self._baseline(model, source, progress)

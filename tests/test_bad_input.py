@@ -169,3 +169,12 @@ def test_symlink_out_of_the_run_directory_is_refused(tiny_recipe: dict, write_re
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
     assert result.exit_code == 2 and "outside the run directory" in _one_line(result)
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["stages"]
+
+
+def test_memory_budget_is_checked_before_anything_runs(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    tiny_recipe["resources"] = {"memory_mb": 0.1}  # the digits alone take about 0.5 MB
+    tiny_recipe["model"]["train"]["epochs"] = 50  # would take minutes if the check came after training
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
+    assert result.exit_code == 2 and "resources.memory_mb" in _one_line(result)
+    assert not out.exists()
