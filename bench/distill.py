@@ -6,8 +6,9 @@
 Each trainer runs with 3 seeds (data order, augmentation and, in (b), the student's initialisation);
 the table gives test top-1 mean and sample standard deviation, and the wall time per epoch.
 
-    python bench/distill.py            # about 20 minutes on 2 busy cores
-    python bench/distill.py --quick    # 1 seed, 1 epoch each: a smoke run
+    python bench/distill.py            # 23 minutes measured on 2 cores shared with other work
+    python bench/distill.py --quick    # 1 seed, 1 epoch each: a smoke run (about 4 minutes)
+    python bench/distill.py --tasks b --trainers kd,dot --student-epochs 10    # a longer schedule
 
 The teacher is the cached reference of recipes/mnist-resnet20.yaml (trained and cached on first use).
 One test error is 0.1 point; differences under ~0.5 point are noise on this split (../shared/PEERS.md).
@@ -17,41 +18,37 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import reference, test_top1  # noqa: E402  (also puts the repository on sys.path)
 
-from compress.data import DataSplits, load_data  # noqa: E402
-from compress.metrics import resolve_metric  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.passes.distill_dot import DistillDotConfig, distill  # noqa: E402
-from compress.progress import RunProgress  # noqa: E402
-from compress.recipe import ModelConfig, load_recipe  # noqa: E402
-from compress.reference import obtain_reference  # noqa: E402
+from compress.recipe import ModelConfig  # noqa: E402
 from compress.sparsity import apply_masks, magnitude_masks, prunable_layers, sparsity_stats  # noqa: E402
-from compress.train import predict  # noqa: E402
 
 TRAINERS = ("ce", "kd", "dot")
-TOP1 = resolve_metric("top1")
 
 
-def test_top1(model: nn.Module, data: DataSplits) -> float:
-    return float(TOP1(*predict(model, data.test)))
+def step_milliseconds(student: nn.Module, teacher: nn.Module, data, batch_size: int, trainers: list[str]) -> dict:
+    """Median time of one step's gradients per trainer, the trainers interleaved step by step so that load
+    from other processes falls on all alike (per-epoch times of separate runs swing with it)."""
+    from compress.passes.distill_dot import _gradients
 
-
-def teacher_and_data() -> tuple[nn.Module, DataSplits]:
-    recipe = load_recipe(ROOT / "recipes" / "mnist-resnet20.yaml")
-    data = load_data(recipe.data)
-    channels, size, _ = data.input_shape
-    teacher = build_model(recipe.model, in_channels=channels, num_classes=data.num_classes, input_size=size)
-    obtain_reference(teacher, recipe, data, torch.device("cpu"), RunProgress())
-    return teacher.eval(), data
+    x = torch.stack([data.train[i][0] for i in range(batch_size)])
+    y = torch.tensor([int(data.train[i][1]) for i in range(batch_size)])
+    params = list(student.train().parameters())
+    times: dict[str, list[float]] = {t: [] for t in trainers}
+    for step in range(12):
+        for trainer in trainers:
+            started = time.perf_counter()
+            _gradients(student, teacher, x, y, params, DistillDotConfig(trainer=trainer))
+            if step >= 2:  # the first steps warm allocator and kernels up
+                times[trainer].append(1000 * (time.perf_counter() - started))
+    return {trainer: statistics.median(values) for trainer, values in times.items()}
 
 
 def main() -> None:
@@ -64,12 +61,17 @@ def main() -> None:
     parser.add_argument("--student-width", type=int, default=8)
     # one thread: on a shared 2-core machine a second OpenMP thread mostly spin-waits (2-3x slower here)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", default="a,b", help="which of (a) recovery, (b) student to run")
+    parser.add_argument("--trainers", default=",".join(TRAINERS))
     args = parser.parse_args()
+    trainers = [t for t in args.trainers.split(",") if t]
+    if not set(trainers) <= set(TRAINERS):
+        parser.error(f"--trainers: choose from {', '.join(TRAINERS)}")
     if args.quick:
         args.seeds, args.recover_epochs, args.student_epochs = 1, 1, 1
     torch.set_num_threads(args.threads)
 
-    teacher, data = teacher_and_data()
+    teacher, data, _ = reference("resnet20")
     channels, size, _ = data.input_shape
     pruned = copy.deepcopy(teacher)
     masks = magnitude_masks(prunable_layers(pruned), 0.95, "global")
@@ -90,12 +92,13 @@ def main() -> None:
         (f"(a) recover 95%-sparse ResNet-20, {args.recover_epochs} ep", recovery, args.recover_epochs),
         (f"(b) ResNet-20 -> ResNet-8 w{args.student_width}, {args.student_epochs} ep", student, args.student_epochs),
     ]
+    tasks = [task for task in tasks if task[0][1] in args.tasks.split(",")]
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     started = time.perf_counter()
     for name, make, epochs in tasks:
         # trainers interleaved within each seed, so load from other processes falls on all of them alike
         for seed in range(args.seeds):
-            for trainer in TRAINERS:
+            for trainer in trainers:
                 model, model_masks = make(seed)
                 cfg = DistillDotConfig(epochs=epochs, trainer=trainer, shift=2)
                 run = distill(model, teacher, data.train, cfg, batch_size=args.batch_size, seed=seed, masks=model_masks)
@@ -111,7 +114,7 @@ def main() -> None:
     print("| task | trainer | test top-1 mean | std | per seed | s/epoch |")
     print("|---|---|---|---|---|---|")
     for name, _, _ in tasks:
-        for trainer in TRAINERS:
+        for trainer in trainers:
             rows = results[(name, trainer)]
             accs = [a for a, _ in rows]
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -119,9 +122,16 @@ def main() -> None:
             per_seed = " ".join(f"{a:.3f}" for a in accs)
             print(f"| {name} | {trainer} | {statistics.mean(accs):.4f} | {spread:.4f} | {per_seed} | {seconds:.1f} |")
     for name, _, _ in tasks:
+        if not {"kd", "dot"} <= set(trainers):
+            break
         kd = statistics.mean(s for _, s in results[(name, "kd")])
         dot = statistics.mean(s for _, s in results[(name, "dot")])
         print(f"{name}: dot {dot:.1f} s/epoch vs kd {kd:.1f} s/epoch ({dot / kd:.2f}x)")
+    print("\none step's gradients (forward, teacher, backward), median of 10 interleaved steps:")
+    for name, make, _ in tasks:
+        ms = step_milliseconds(make(0)[0], teacher, data, args.batch_size, trainers)
+        ratio = f"; dot/kd {ms['dot'] / ms['kd']:.2f}x" if {"kd", "dot"} <= set(ms) else ""
+        print(f"{name}: " + ", ".join(f"{t} {v:.0f} ms" for t, v in ms.items()) + ratio)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

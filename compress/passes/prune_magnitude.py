@@ -41,6 +41,7 @@ class FinetuneConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    shift: int = Field(0, ge=0, le=8, description="random +-pixel shifts (augmentation), as in reference training")
 
 
 class SelectionConfig(StrictModel):
@@ -114,6 +115,7 @@ def finetune(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         schedule=cfg.schedule,
+        shift=cfg.shift,
         batch_size=ctx.batch_size,
         seed=ctx.seed,
         device=ctx.device,
