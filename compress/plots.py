@@ -91,16 +91,15 @@ def plot_latency(report: dict[str, Any], path: Path) -> Path | None:
     if not exports:
         return None
     formats = list(exports)
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 2.2 * len(formats) + 2), 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.2 * len(formats) + 3), 3.8))
     for ax, batch in zip(axes, ("batch1", "batch64")):
         values = [exports[f]["latency_ms"].get(batch, float("nan")) for f in formats]
         ax.bar(formats, values, color="tab:green")
-        ax.set_title(f"ONNX Runtime latency, {batch.replace('batch', 'batch ')}")
+        ax.set_title(batch.replace("batch", "batch "))
         ax.set_ylabel("median latency (ms)")
         ax.tick_params(axis="x", labelrotation=20)
     threads = next(iter(exports.values()))["latency_ms"].get("threads")
-    if threads:
-        fig.suptitle(f"{threads} threads, CPU", fontsize=8, y=0.02)
+    fig.suptitle("ONNX Runtime latency per export format" + (f" ({threads} threads, CPU)" if threads else ""))
     return _save(fig, path)
 
 
