@@ -7,7 +7,7 @@ Each trainer runs with 3 seeds (data order, augmentation and, in (b), the studen
 the table gives test top-1 mean and sample standard deviation, and the wall time per epoch.
 
     python bench/distill.py            # 23 minutes measured on 2 cores shared with other work
-    python bench/distill.py --quick    # 1 seed, 1 epoch each: a smoke run (about 4 minutes)
+    python bench/distill.py --quick    # 1 seed, 1 epoch each: a smoke run (4 to 17 minutes measured, by load)
     python bench/distill.py --tasks b --trainers kd,dot --student-epochs 10    # a longer schedule
 
 The teacher is the cached reference of recipes/mnist-resnet20.yaml (trained and cached on first use).
