@@ -83,6 +83,21 @@ def demo(
 
 
 @app.command()
+def analyze(
+    recipe: RecipeArg,
+    stage: Annotated[str | None, typer.Option("--stage", help="the stage to analyse (default: every prune/quantize stage)")] = None,
+    out: OutOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-layer sensitivity of a stage (metric drop with only that layer pruned/quantized): table and chart."""
+    from compress.analyze import analyze_recipe
+    from compress.runner import RunOptions
+
+    guarded(lambda: analyze_recipe(recipe, RunOptions(out=out, device=device, quiet=quiet), stage))
+
+
+@app.command()
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe's schema and references (model, checkpoint, data, metric) without running it."""
 

@@ -126,6 +126,76 @@ def plot_metric_vs_size(report: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_sensitivity(analysis: dict[str, Any], level: str, path: Path, title: str) -> Path:
+    """Per-layer metric drop with only that layer pruned/quantized, most sensitive on top (sensitivity.py)."""
+    layers = analysis["layers"]
+    names = sorted(layers, key=lambda n: (-layers[n]["results"][level]["drop"], -layers[n]["results"][level]["kl"]))
+    drops = [100 * layers[n]["results"][level]["drop"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(names) + 1.2)))
+    y = list(range(len(names)))
+    ax.barh(y, drops, color="tab:red")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.6)
+    right = max(drops + [0.0])
+    for i, name in enumerate(names):
+        ax.text(right * 1.02 + 0.02, i, f"KL {layers[name]['results'][level]['kl']:.1e}", va="center", fontsize=6)
+    ax.set_xlabel(f"validation metric drop (points), only this layer at {analysis['level']} {level}")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_search(stage: dict[str, Any], path: Path) -> Path | None:
+    """A gate search's trials: validation metric vs size, the gate's line, the kept trial starred."""
+    search = stage.get("search") or {}
+    trials = [t for t in search.get("trials", []) if t.get("size_bytes")]
+    if not trials:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for passed, color, label in ((True, "tab:green", "passed"), (False, "tab:red", "failed")):
+        chosen = [t for t in trials if bool(t["passed"]) == passed]
+        if chosen:
+            ax.scatter([t["size_bytes"] / 1e3 for t in chosen], [100 * t["metric"] for t in chosen],
+                       color=color, label=label, zorder=3)
+    for t in trials:
+        ax.annotate(str(t["trial"]), (t["size_bytes"] / 1e3, 100 * t["metric"]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)
+    best = next((t for t in trials if t["trial"] == search.get("best_trial")), None)
+    if best is not None:
+        ax.scatter([best["size_bytes"] / 1e3], [100 * best["metric"]], marker="*", s=220, color="gold",
+                   edgecolor="black", zorder=4, label=f"kept (trial {best['trial']})")
+    gate = stage.get("gate") or {}
+    floor = [gate["reference_metric"] - gate["max_drop"]] if gate.get("max_drop") is not None else []
+    floor += [gate["min_metric"]] if gate.get("min_metric") is not None else []
+    if floor:
+        ax.axhline(100 * max(floor), color="gray", linestyle="--", label="gate")
+    _log_size_axis(ax, f"size (kB, log scale): {search.get('size_note', 'weights')}")
+    ax.set_ylabel("validation metric (%)")
+    ax.set_title(f"search of stage '{stage['name']}': {len(trials)} trials")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_bits(stage: dict[str, Any], path: Path) -> Path | None:
+    """Per-layer weight bits of a mixed-precision stage (float layers drawn at 32)."""
+    bits = dict(stage.get("bits") or {})
+    floats = stage.get("float_layers") or []
+    if not bits or (len(set(bits.values())) < 2 and not floats):
+        return None
+    layers = [n for n in (stage.get("layer_sparsity") or {}) if n in bits or n in floats] or list(bits) + floats
+    values = [bits.get(n, 32) for n in layers]
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.28 * len(layers) + 1.2)))
+    y = list(range(len(layers)))
+    ax.barh(y, values, color=["tab:gray" if v == 32 else "tab:purple" for v in values])
+    ax.set_yticks(y, layers, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "float"])
+    ax.set_xlabel("weight bits")
+    ax.set_title(f"per-layer weight bits after stage '{stage['name']}'")
+    return _save(fig, path)
+
+
 def plot_run(report: dict[str, Any], out: Path) -> list[Path]:
     plots = out / "plots"
     made = [
@@ -134,6 +204,9 @@ def plot_run(report: dict[str, Any], out: Path) -> list[Path]:
         plot_latency(report, plots / "latency.png"),
         plot_metric_vs_size(report, plots / "metric_vs_size.png"),
     ]
+    for stage in report.get("stages", []):
+        made.append(plot_search(stage, plots / f"search-{stage['name']}.png"))
+        made.append(plot_bits(stage, plots / f"bits-{stage['name']}.png"))
     return [p for p in made if p is not None]
 
 

@@ -76,11 +76,35 @@ class DataConfig(StrictModel):
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
+class SearchConfig(StrictModel):
+    """The budget and knobs of `on_fail: search` (compress/search.py): trials and/or minutes."""
+
+    trials: int | None = Field(8, ge=1, description="at most this many trials, the stage's own run included")
+    minutes: float | None = Field(None, gt=0, description="no trial starts after this many minutes of trials")
+    adaptive: bool = Field(False, description="pruning: then keep the most sensitive layers dense")
+    dense_share: float = Field(0.02, gt=0, lt=1, description="adaptive: at most this share of the weights kept dense")
+    tolerance: float = Field(0.1, gt=0, description="pruning: stop bisecting when densities differ by this ratio")
+    group: int | None = Field(None, ge=1, description="quantization: layers moved per trial (default: a sixth)")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SearchConfig:
+        if self.trials is None and self.minutes is None:
+            raise ValueError("trials or minutes: a search needs a budget")
+        return self
+
+
 class GateConfig(StrictModel):
     max_drop: float | None = Field(None, ge=0, le=1)
     min_metric: float | None = None
     against: Literal["baseline", "previous"] = "baseline"
-    on_fail: Literal["stop", "continue"] = "stop"
+    on_fail: Literal["stop", "continue", "search"] = "stop"
+    search: SearchConfig | None = Field(None, description="with on_fail: search (default budget: 8 trials)")
+
+    @model_validator(mode="after")
+    def _search_needs_on_fail(self) -> GateConfig:
+        if self.search is not None and self.on_fail != "search":
+            raise ValueError("search: only used with on_fail: search")
+        return self
 
 
 class StageConfig(StrictModel):
@@ -88,6 +112,12 @@ class StageConfig(StrictModel):
     pass_name: str = Field(alias="pass")
     params: dict[str, Any] = Field(default_factory=dict)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _searchable(self) -> StageConfig:
+        if self.gate.on_fail == "search" and not self.pass_name.startswith(("prune.", "quantize.")):
+            raise ValueError(f"gate.on_fail: search backs off prune.* and quantize.* stages, not {self.pass_name}")
+        return self
 
     @field_validator("name")
     @classmethod

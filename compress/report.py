@@ -84,6 +84,41 @@ def export_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+SEARCH_COLUMNS = ("trial", "phase", "changes", "val", "drop", "gate", "sparsity", "avg bits", "float", "size", "seconds")
+
+
+def _changes_text(changes: dict[str, Any]) -> str:
+    parts = []
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            parts.append(f"{key}: {len(value)} layers")
+        elif isinstance(value, list):
+            parts.append(f"{key}: {', '.join(map(str, value))}")
+        else:
+            parts.append(f"{key}: {value}")
+    return "; ".join(parts) or "(as written)"
+
+
+def search_tables(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]]]:
+    """One table of trials per searched stage (gate on_fail: search), with the outcome as its title."""
+    tables = []
+    for stage in report.get("stages", []):
+        search = stage.get("search")
+        if not search:
+            continue
+        rows = []
+        for t in search["trials"]:
+            kept = " (kept)" if t["trial"] == search.get("best_trial") else ""
+            rows.append((
+                f"{t['trial']}{kept}", t["phase"], _changes_text(t["changes"]), _pct(t["metric"]),
+                f"{100 * t['drop']:+.2f} pt", "pass" if t["passed"] else "FAIL", _pct(t.get("sparsity")),
+                "-" if t.get("average_bits") is None else f"{t['average_bits']:.2f}", str(t.get("float_layers", 0)),
+                _size(t.get("size_bytes")), f"{t['seconds']:.1f}",
+            ))
+        tables.append((f"search of stage '{stage['name']}': {search['outcome']}", rows))
+    return tables
+
+
 def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -104,6 +139,8 @@ def render_markdown(report: dict[str, Any], plots: list[Path] | None = None) -> 
         "",
         _markdown_table(STAGE_COLUMNS, stage_rows(report)),
     ]
+    for title, rows in search_tables(report):
+        parts += ["", f"## Search: {title}", "", _markdown_table(SEARCH_COLUMNS, rows)]
     if report.get("export"):
         parts += ["", "## Export (ONNX Runtime, test split)", "", _markdown_table(EXPORT_COLUMNS, export_rows(report))]
     if plots:
@@ -138,6 +175,8 @@ def render_html(report: dict[str, Any], plots: list[Path]) -> str:
         "<h2>Stages</h2>",
         _html_table(STAGE_COLUMNS, stage_rows(report)),
     ]
+    for title, rows in search_tables(report):
+        parts += [f"<h2>Search: {html.escape(title)}</h2>", _html_table(SEARCH_COLUMNS, rows)]
     if report.get("export"):
         parts += ["<h2>Export (ONNX Runtime, test split)</h2>", _html_table(EXPORT_COLUMNS, export_rows(report))]
     if plots:
@@ -235,6 +274,13 @@ def print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
     for row in stage_rows(report):
         table.add_row(*row, style="red" if "FAIL" in row else None)
     console.print(table)
+    for title, search_rows in search_tables(report):
+        trials = Table(title=title)
+        for column in SEARCH_COLUMNS:
+            trials.add_column(column, justify="left" if column in ("trial", "phase", "changes") else "right")
+        for row in search_rows:
+            trials.add_row(*row, style=None if "pass" in row else "red")
+        console.print(trials)
     rows = export_rows(report)
     if rows:
         export_table = Table(title="export (ONNX Runtime, test split)")

@@ -31,6 +31,7 @@ from compress.passes.registry import check_stages
 from compress.progress import RunProgress
 from compress.recipe import Recipe, load_recipe, stable_hash
 from compress.reference import obtain_reference
+from compress.search import check_searchable
 from compress.resources import check_memory_budget
 from compress.report import print_summary, write_reports
 from compress.sparsity import sparsity_stats
@@ -107,6 +108,10 @@ class Evaluator:
     def score(self, model: nn.Module, split: str = "val") -> float:
         return float(self.metric(*self.logits(model, split)))
 
+    def score_and_logits(self, model: nn.Module, split: str = "val") -> tuple[float, torch.Tensor]:
+        logits, labels = self.logits(model, split)
+        return float(self.metric(logits, labels)), logits
+
 
 class StageStore:
     """A stage's directory: checkpoint plus metrics.json, the latter written last as the completion mark."""
@@ -150,6 +155,9 @@ class Runner:
         check_output_dir(self.out)
         self._check_export_tools()
         check_stages(recipe, recipe_path)
+        for index, (stage, config) in enumerate(zip(recipe.stages, recipe.pass_configs())):
+            if stage.gate.on_fail == "search":
+                check_searchable(stage.pass_name, config, f"{recipe_path or 'recipe'}: stages[{index}]")
         self.data = load_data(recipe.data)
         self.evaluator = Evaluator(self.data, self.metric, self.device, max(256, recipe.data.batch_size))
         self.report: dict[str, Any] = {}
@@ -258,24 +266,34 @@ class Runner:
         progress.log(f"baseline: val {metric:.4f}, test {test_metric:.4f}")
         return state
 
-    def _stages(self, state: ModelState, progress: RunProgress) -> ModelState:
+    def _stages(self, state: ModelState, progress: RunProgress, until: int | None = None) -> ModelState:
+        """The stages in order (with `until`, only those before that index: the input of stage `until`)."""
         previous_key = self.baseline_key
         baseline_metric = self.report["baseline"]["metric"]
         previous_metric = baseline_metric
         resolved_stages = self.recipe.resolved()["stages"]
         for index, (stage, config) in enumerate(zip(self.recipe.stages, self.recipe.pass_configs())):
+            if until is not None and index >= until:
+                break
             # the gate is not part of the key: tightening a gate re-judges a stage, it does not redo it
             stage_section = {k: v for k, v in resolved_stages[index].items() if k != "gate"}
             key = stable_hash({"previous": previous_key, "stage": stage_section, "seed": self.recipe.seed})
             store = StageStore(self.out / "stages" / stage_dir_name(index, stage.name))
             loaded = store.load_if_complete(key, state.model) if self.options.resume else None
+            judge = lambda m, g=stage.gate, p=previous_metric: check_gate(g, m, baseline=baseline_metric, previous=p)  # noqa: E731
             if loaded is not None:
+                stage_input = state
                 state, entry = loaded
                 entry["resumed"] = True
                 progress.log(f"{stage.name}: finished earlier, loaded from {store.checkpoint}")
+                if stage.gate.on_fail == "search" and not judge(entry["metric"])["passed"]:
+                    loaded = None  # a tightened gate: search again (its recorded trials are reused)
+                    state, entry = self._search_stage(index, stage, config, stage_input, key, judge, progress)
+            elif stage.gate.on_fail == "search":
+                state, entry = self._search_stage(index, stage, config, state, key, judge, progress)
             else:
                 state, entry = self._run_stage(index, stage, config, state, progress)
-            entry["gate"] = check_gate(stage.gate, entry["metric"], baseline=baseline_metric, previous=previous_metric)
+            entry["gate"] = judge(entry["metric"])
             entry["drop"] = entry["gate"]["drop"]
             passed = entry["gate"]["passed"]
             if loaded is None and (passed or stage.gate.on_fail == "continue") and distributed.is_main():
@@ -284,9 +302,10 @@ class Runner:
             pause_point(f"after-stage:{stage.name}")
             self.report["stages"].append(entry)
             if not passed:
-                if stage.gate.on_fail == "stop":
+                if stage.gate.on_fail in ("stop", "search"):
                     self.report["failed_stage"] = stage.name
-                    raise GateFailed(f"stage {stage.name!r} failed its gate: {entry['gate']['reason']}")
+                    searched = f"; search: {entry['search']['outcome']}" if "search" in entry else ""
+                    raise GateFailed(f"stage {stage.name!r} failed its gate: {entry['gate']['reason']}{searched}")
                 progress.log(f"warning: {stage.name} failed its gate ({entry['gate']['reason']}); continuing")
             previous_key, previous_metric = key, entry["metric"]
         return state
@@ -309,6 +328,7 @@ class Runner:
             recipe_dir=Path(self.recipe_path).resolve().parent if self.recipe_path else None,
             baseline=self.baseline_state,
             calibration_samples=self.recipe.data.calibration_samples,
+            metric=self.metric,
         )
         started = time.perf_counter()
         result = spec.apply(state, config, ctx)
@@ -330,6 +350,34 @@ class Runner:
             "resumed": False,
         }
         return state, entry
+
+    def _search_stage(
+        self, index: int, stage: Any, config: Any, state: ModelState, key: str, judge: Any, progress: RunProgress
+    ) -> tuple[ModelState, dict[str, Any]]:
+        """on_fail: search (compress/search.py): trials of this stage on copies of its input `state`."""
+        from compress.search import search_stage
+
+        return search_stage(
+            pass_name=stage.pass_name,
+            params=config.model_dump(mode="json"),
+            config_type=type(config),
+            budget=stage.gate.search,
+            key=key,
+            input_state=state,
+            run_trial=lambda cfg: self._run_stage(index, stage, cfg, copy.deepcopy(state), progress),
+            judge=judge,
+            directory=self.out / "stages" / stage_dir_name(index, stage.name) / "search",
+            sensitivity=lambda: self.stage_sensitivity(index, stage, config, state, progress),
+            progress=progress,
+            name=stage.name,
+        )
+
+    def stage_sensitivity(self, index: int, stage: Any, config: Any, state: ModelState, progress: RunProgress) -> Any:
+        """Per-layer sensitivity of stage `index` on its input `state`, cached in DIR/analysis/."""
+        from compress.sensitivity import analysis_path, stage_sensitivity
+
+        path = analysis_path(self.out / "stages" / stage_dir_name(index, stage.name))
+        return stage_sensitivity(stage.pass_name, config, state, self.evaluator.score_and_logits, path, progress)
 
     def _export(self, state: ModelState, progress: RunProgress) -> None:
         from compress.export_stage import export_and_verify

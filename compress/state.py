@@ -67,6 +67,7 @@ class StageContext:
     recipe_dir: Path | None = None  # relative paths in pass params (a teacher checkpoint) mean "next to the recipe"
     baseline: ModelState | None = None  # the model before the first stage (default teacher); do not modify
     calibration_samples: int = 1024
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # the recipe's (logits, labels) metric; None: top-1
 
     @classmethod
     def standalone(

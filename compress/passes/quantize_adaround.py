@@ -12,10 +12,11 @@ AIMET uses 15,000 below 8 bits; on the mnist5k ResNets 500 iterations already ma
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compress.data import calibration_subset, dataset_tensors
 from compress.errors import BadInput
@@ -31,8 +32,26 @@ from compress.sparsity import PRUNABLE_TYPES
 from compress.state import ModelState, StageContext
 from compress.structure import structure_record
 
+class BitsBudget(StrictModel):
+    """weight_bits: auto chooses per-layer bits within one of these (weights of the quantized layers)."""
+
+    average_bits: float | None = Field(None, ge=2, le=8, description="bits per weight, averaged over weights")
+    weight_bytes: int | None = Field(None, ge=1, description="weights packed at their bits, in bytes")
+
+    @model_validator(mode="after")
+    def _one(self) -> BitsBudget:
+        if (self.average_bits is None) == (self.weight_bytes is None):
+            raise ValueError("expected exactly one of average_bits, weight_bytes")
+        return self
+
+
 class QuantizeConfig(StrictModel):
-    weight_bits: int = Field(8, ge=2, le=8, description="default weight bits (per-channel symmetric grid)")
+    weight_bits: int | Literal["auto"] = Field(
+        8, description="weight bits 2..8 (per-channel symmetric grid), or auto: per layer within `budget`"
+    )
+    budget: BitsBudget | None = Field(None, description="weight_bits auto: average bits or packed weight bytes")
+    bits_choices: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], min_length=1)
+    auto_measure: Literal["kl", "drop"] = Field("kl", description="auto: the per-layer sensitivity summed")
     activation_bits: Literal[8, 16, "off"] = Field(8, description="per-tensor symmetric activations, or off")
     calibration_samples: int | None = Field(None, ge=1, description="default: data.calibration_samples")
     layer_bits: dict[str, int] = Field(default_factory=dict, description="layer-name pattern -> weight bits")
@@ -56,6 +75,26 @@ class QuantizeConfig(StrictModel):
                 raise ValueError(f"{pattern!r}: expected bits between 2 and 8, got {bits}")
         return value
 
+    @field_validator("weight_bits")
+    @classmethod
+    def _weight_bits_range(cls, value: int | str) -> int | str:
+        if value != "auto" and not 2 <= int(value) <= 8:
+            raise ValueError(f"expected bits between 2 and 8, or auto, got {value}")
+        return value
+
+    @field_validator("bits_choices")
+    @classmethod
+    def _choices_range(cls, value: list[int]) -> list[int]:
+        if any(not 2 <= bits <= 8 for bits in value):
+            raise ValueError(f"expected bits between 2 and 8, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _budget_with_auto(self) -> QuantizeConfig:
+        if (self.weight_bits == "auto") != (self.budget is not None):
+            raise ValueError("budget: given exactly when weight_bits is auto")
+        return self
+
 
 class AdaroundConfig(QuantizeConfig):
     iterations: int = Field(10000, ge=0, description="Adam steps per layer")
@@ -71,11 +110,15 @@ class AdaroundConfig(QuantizeConfig):
 def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple[Any, dict[str, Any], Any]:
     if is_quantized(state.model):
         raise BadInput(f"stage {ctx.stage_name!r}: the model is already quantized by an earlier stage")
+    layer_bits, auto = dict(cfg.layer_bits), None
+    if cfg.weight_bits == "auto":
+        chosen, auto = choose_bits(state, cfg, ctx)
+        layer_bits.update(chosen)  # after the recipe's own patterns, which keep the first word
     plan = make_plan(
         state.model,
-        weight_bits=cfg.weight_bits,
+        weight_bits=8 if cfg.weight_bits == "auto" else cfg.weight_bits,
         activation_bits=None if cfg.activation_bits == "off" else int(cfg.activation_bits),
-        layer_bits=cfg.layer_bits,
+        layer_bits=layer_bits,
         skip=cfg.skip,
         first_last_8bit=cfg.first_last_8bit,
     )
@@ -91,7 +134,58 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
     )
     for name, layer in quant_layers(model).items():
         set_rtn(layer, state.masks.get(f"{name}.weight"))
+    if auto is not None:
+        plan["auto_bits"] = auto
     return model, plan, (inputs, amax)
+
+
+def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple[dict[str, int], dict[str, Any]]:
+    """weight_bits auto: per-layer bits minimising the summed sensitivity within the budget (a knapsack;
+    compress/sensitivity.py). Layers the recipe pins (layer_bits, first_last_8bit) keep their bits and
+    count against the budget; skipped layers stay float and do not."""
+    from fnmatch import fnmatch
+
+    from compress.metrics import top1
+    from compress.sensitivity import analysis_path, knapsack_bits, quant_sensitivity
+    from compress.train import predict
+
+    pinned_plan = make_plan(state.model, weight_bits=8, activation_bits=None, layer_bits=cfg.layer_bits,
+                            skip=cfg.skip, first_last_8bit=cfg.first_last_8bit)
+    names = list(pinned_plan["bits"])
+    ends = (names[0], names[-1]) if cfg.first_last_8bit else ()
+    pinned = {n: b for n, b in pinned_plan["bits"].items() if n in ends or any(fnmatch(n, p) for p in cfg.layer_bits)}
+    metric = ctx.metric or top1
+
+    def score(model: Any) -> tuple[float, Any]:
+        logits, labels = predict(model, ctx.data.val, device=ctx.device)
+        return float(metric(logits, labels)), logits
+
+    path = analysis_path(ctx.stage_dir) if ctx.stage_dir is not None else None
+    analysis = quant_sensitivity(state, cfg.bits_choices, cfg.weight_range, score, path, ctx.progress)
+    weights = {n: analysis.layers[n]["weights"] for n in names}
+    assert cfg.budget is not None
+    capacity = (cfg.budget.average_bits * sum(weights.values()) if cfg.budget.average_bits is not None
+                else 8 * cfg.budget.weight_bytes)
+    free = [n for n in names if n not in pinned]
+    costs = {n: {b: c for b, c in analysis.costs(cfg.auto_measure)[n].items() if b in cfg.bits_choices} for n in free}
+    chosen = knapsack_bits(costs, {n: weights[n] for n in free}, capacity - sum(weights[n] * b for n, b in pinned.items()))
+    bits = {**pinned, **chosen}
+    total_bits = sum(weights[n] * bits[n] for n in names)
+    info = {
+        "budget": cfg.budget.model_dump(mode="json", exclude_none=True),
+        "measure": cfg.auto_measure,
+        "choices": cfg.bits_choices,
+        "average_bits": total_bits / sum(weights.values()),
+        "weight_bytes": math.ceil(total_bits / 8),
+        "summed_sensitivity": sum(costs[n][b] for n, b in chosen.items()),
+        "pinned": sorted(pinned),
+        "sensitivity": str(path) if path is not None else None,
+    }
+    ctx.progress.log(
+        f"{ctx.stage_name}: bits auto: average {info['average_bits']:.2f} bits, {info['weight_bytes']} weight bytes "
+        f"(budget {info['budget']}), per layer " + ", ".join(f"{n} {b}" for n, b in bits.items())
+    )
+    return chosen, info
 
 
 def _finish(
@@ -110,6 +204,7 @@ def _finish(
         "weight_bits": cfg.weight_bits,
         "activation_bits": cfg.activation_bits,
         "first_last_8bit": cfg.first_last_8bit,
+        **({"auto_bits": plan["auto_bits"]} if "auto_bits" in plan else {}),
         "float_layers": plan["float_layers"],
         "folded_bn": plan["folded"],
         "weight_range": cfg.weight_range,
