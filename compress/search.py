@@ -62,11 +62,6 @@ def deployed_size(entry: dict[str, Any]) -> int:
     return int(entry.get("params_nonzero", 0)) * 4
 
 
-def average_bits(entry: dict[str, Any]) -> float | None:
-    bits = entry.get("bits")
-    return sum(bits.values()) / len(bits) if isinstance(bits, dict) and bits else None
-
-
 class Search:
     def __init__(
         self,
@@ -160,7 +155,7 @@ class Search:
             "drop": gate["drop"],
             "sparsity": entry.get("sparsity"),
             "size_bytes": deployed_size(entry),
-            "average_bits": average_bits(entry),
+            "average_bits": entry.get("average_weight_bits"),  # over weights, float layers at 32
             "float_layers": len(entry.get("float_layers") or []),
             "seconds": time.perf_counter() - started,
             "entry": entry,

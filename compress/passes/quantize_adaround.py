@@ -242,6 +242,7 @@ def quantized_stats(model: Any) -> dict[str, Any]:
         "params_nonzero": params - zeros,
         "size_bytes": bytes_total,
         "size_bytes_packed": bytes_total - int8_bytes + (packed_bits + 7) // 8 - 4 * (weights - int8_bytes),
+        "average_weight_bits": packed_bits / weights if weights else None,  # float layers count 32
         "layer_sparsity": per_layer,
     }
 
