@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import warnings
+
 import torch
 from torch import nn
 
+from compress.attention import HeadAttention, UnsupportedLayer, attention_modules
 from compress.sparsity import PRUNABLE_TYPES
 
 
@@ -51,9 +54,16 @@ class ChannelPruner:
             if isinstance(module, PRUNABLE_TYPES) and (name not in selected or name == classifier)
         ]
         cumulative = [0.0, *ratios]
+        # attention: whole heads are the structured groups (Torch-Pruning's num_heads on the packed qkv)
+        self.attention = attention_modules(model)
+        num_heads = {m.qkv: m.num_heads for m in self.attention.values()}
         was_training = model.training
         model.eval()  # tracing a batch of one through BatchNorm in train mode can fail
-        with torch.enable_grad():  # the graph is built from autograd's record of a forward pass
+        for attention in self.attention.values():
+            attention.hide_bias = True
+        with torch.enable_grad(), warnings.catch_warnings():  # the graph is built from autograd's record
+            warnings.filterwarnings("ignore", message="Unwrapped parameters", category=UserWarning)
+            ignored += _output_layer(model, example) + _normalized_residual_layers(model, example, ignored)
             self.pruner = tp.pruner.BasePruner(
                 model,
                 example,
@@ -64,13 +74,77 @@ class ChannelPruner:
                 iterative_pruning_ratio_scheduler=lambda _ratio, _steps: cumulative,
                 ignored_layers=ignored,
                 round_to=round_to,
+                num_heads=num_heads,
+                prune_num_heads=bool(num_heads),
+                prune_head_dims=False,
+                head_pruning_ratio=cumulative[-1] if num_heads else 0.0,
             )
+        for attention in self.attention.values():
+            attention.hide_bias = False
         model.train(was_training)
         self.model = model
 
     def step(self) -> None:
+        by_qkv = {m.qkv: m for m in self.attention.values()}
         with torch.enable_grad():
-            self.pruner.step()
+            for group in self.pruner.step(interactive=True):
+                removed: dict[HeadAttention, set[int]] = {}
+                for dep, idxs in group:
+                    attention = by_qkv.get(dep.target.module)
+                    if attention is not None and self.pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                        width = attention.num_heads * attention.head_dim  # q's rows, then k's, then v's
+                        plain = [int(getattr(i, "idx", i)) for i in idxs]
+                        removed[attention] = {i // attention.head_dim for i in plain if i < width}
+                group.prune()
+                for attention, heads in removed.items():
+                    attention.keep_heads([h for h in range(attention.num_heads) if h not in heads])
+        for attention in self.attention.values():
+            expected = self.pruner.num_heads[attention.qkv]
+            if attention.num_heads != expected or attention.qkv.out_features != 3 * expected * attention.head_dim:
+                raise UnsupportedLayer(
+                    attention.path, type(attention).__name__,
+                    f"head pruning left {attention.qkv.out_features} qkv features for {expected} heads of {attention.head_dim}",
+                )
+
+
+def _output_layer(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The last Conv/Linear a forward pass runs: its outputs are the model's (SqueezeNet ends in a conv)."""
+    order: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda module, _args, _out: order.append(module))
+        for m in model.modules()
+        if isinstance(m, PRUNABLE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order[-1:]
+
+
+def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:
+    """Layers writing channels that a LayerNorm normalises (the residual stream of transformers and
+    ConvNeXt): kept at full width, so pruning there takes MLP hidden channels and attention heads.
+
+    Removing such a channel would couple every block, the position and class embeddings (bare
+    parameters) and size attributes the models' own code reshapes with (ViT's hidden_dim).
+    """
+    import torch_pruning as tp
+
+    if not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        return []
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    keep: list[nn.Module] = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_TYPES)):
+        if any(isinstance(dep.target.module, nn.LayerNorm) for dep, _ in group):
+            keep += [
+                dep.target.module
+                for dep, _ in group
+                if isinstance(dep.target.module, PRUNABLE_TYPES) and graph.is_out_channel_pruning_fn(dep.handler)
+            ]
+    return keep
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:

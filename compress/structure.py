@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.attention import HeadAttention
+
 # The attributes channel pruning changes, per layer type (Torch-Pruning rewrites exactly these).
 SIZE_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
     (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
@@ -20,6 +22,7 @@ SIZE_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
     (nn.GroupNorm, ("num_groups", "num_channels")),
     (nn.LayerNorm, ("normalized_shape",)),
     (nn.PReLU, ("num_parameters",)),
+    (HeadAttention, ("num_heads", "head_dim")),  # head pruning (compress.attention)
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from compress.attention import convert_attention
 from compress.errors import BadInput
 from compress.models.checkpoint import load_checkpoint
 from compress.models.pyref import import_callable, require
@@ -36,6 +37,9 @@ def build_model(cfg: ModelConfig, *, in_channels: int, num_classes: int, input_s
     if not isinstance(model, nn.Module):
         got = type(model).__name__
         raise BadInput(f"model.arch: {cfg.arch} returned a {got}, expected a torch.nn.Module")
+    # attention as explicit Linear/MatMul layers (same function, same state-dict keys), so that
+    # quantization and head pruning see inside it
+    convert_attention(model)
     return model
 
 

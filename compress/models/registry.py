@@ -17,7 +17,7 @@ _BUILTINS: dict[str, ModelFn] = {}
 
 # Imported on first lookup so that `registry` alone is enough to resolve a name, without an import
 # cycle (the model modules import `register_builtin` from here).
-_BUILTIN_MODULES = ("compress.models.resnet_cifar", "compress.models.mobilenet")
+_BUILTIN_MODULES = ("compress.models.resnet_cifar", "compress.models.mobilenet", "compress.models.transformer")
 
 
 def register_builtin(name: str) -> Callable[[F], F]:

@@ -32,14 +32,48 @@ RELU_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn
 ACT_MODULE = "act_quant"  # the ModuleDict holding the activation quantizers
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, but torch.nn containers of Conv/Linear layers (nn.TransformerEncoder and its layers)
+    are traced into rather than kept as opaque leaves, and the module being traced when tracing fails
+    is remembered, so the error can name it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path_stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, LAYER_TYPES):
+            return True
+        if any(isinstance(sub, LAYER_TYPES) for sub in m.modules()):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.path_stack.append((self.path_of_module(m), type(m).__name__))
+        result = super().call_module(m, forward, args, kwargs)
+        self.path_stack.pop()  # not on failure: the stack then ends with the module that failed
+        return result
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
+    from compress.attention import UnsupportedLayer, unsupported_attention
+
+    opaque = unsupported_attention(model)
+    if opaque is not None:
+        raise UnsupportedLayer(opaque.path, opaque.kind, f"quantization: {opaque.reason}")
+    tracer = _Tracer()
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types for one cause: code it cannot trace
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if tracer.path_stack:
+            path, kind = tracer.path_stack[-1]
+            raise UnsupportedLayer(path, kind, f"quantization needs torch.fx-traceable code; tracing failed: {first}") from None
         raise BadInput(
             f"model.arch: quantization needs a torch.fx-traceable model; tracing failed: {first}"
         ) from None
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -165,6 +199,15 @@ def make_plan(
     }
 
 
+MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in MATMUL_FUNCTIONS
+    return node.op == "call_method" and node.target in ("matmul", "bmm")
+
+
 def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str]) -> list[dict[str, Any]]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     wanted: dict[fx.Node, list[list[str]]] = {}  # source tensor -> [(consumer, the arg it replaces)]
@@ -178,6 +221,12 @@ def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str]) -> lis
         if isinstance(module, LAYER_TYPES) and str(node.target) in quantized:
             if isinstance(node.args[0], fx.Node):
                 want(node, node.args[0])
+        elif _is_matmul(node):
+            # activation x activation products (attention): TensorRT and ONNX Runtime run a MatMul in
+            # int8 when both inputs come through Q/DQ; softmax and LayerNorm stay float
+            for operand in node.args[:2]:
+                if isinstance(operand, fx.Node):
+                    want(node, operand)
         elif node.op == "call_function" and node.target in ADD_TARGETS:
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             if len(operands) != 2:

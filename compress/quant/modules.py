@@ -120,6 +120,12 @@ class QuantLayer(nn.Module):
             return self.functional(x, self.float_weight)
         scale = self.weight_scale
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        if self.kind == "Linear" and x.dim() != 2:
+            # tokens [..., in] (transformers): exported as MatMul with the weight stored [in, out] and its
+            # per-channel Q/DQ on axis 1, straight into the MatMul, as TensorRT wants (not a Transpose of it)
+            weight_t = torch.fake_quantize_per_channel_affine(self.weight.t(), scale, zero, 1, -128, 127)
+            out = torch.matmul(x, weight_t)
+            return out + self.bias if self.bias is not None else out
         weight = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -128, 127)
         return self.functional(x, weight)
 

@@ -1,0 +1,394 @@
+"""The whole pipeline on one model, step by step, each step's outcome recorded: the model zoo matrix.
+
+Steps (each on the previous step's model, through the registered passes, on random data):
+  build      the model (compress.models.build_model: attention made explicit), random weights
+  prune-ch   prune.magnitude granularity channels (Torch-Pruning; attention heads as whole groups),
+             then the stage checkpoint reloads into a freshly built model with identical outputs
+  prune-un   prune.magnitude unstructured on top (masks held from here on)
+  distill    a short distill.dot from the unpruned model
+  quantize   a short quantize.adaround (W8A8 by default); the stage checkpoint reloads exactly
+  export     the quantized model's Q/DQ ONNX (export.onnx_export), turned into int8-trt (export.qdq)
+  lint       export.lint.lint_onnx finds nothing
+  parity     ONNX Runtime on the int8 file against the torch quantized model: top-1 agreement >= 0.99
+
+A step that raises is recorded with its error (compress.attention.UnsupportedLayer and the passes name
+the module and the reason), and the steps that need its result are skipped. `bench/zoo.py` prints the
+table; tests/test_zoo.py runs the matrix.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from compress.attention import attention_modules
+from compress.data import DataSplits
+from compress.models import build_model
+from compress.passes.registry import get_pass
+from compress.recipe import ModelConfig
+from compress.state import ModelState, StageContext
+
+STEPS = ("build", "prune-ch", "prune-un", "distill", "quantize", "export", "lint", "parity")
+MIN_AGREEMENT = 0.99
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    arch: str
+    size: int = 32
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# The issue's list: torchvision classifiers with random weights at small inputs, and a plain
+# nn.TransformerEncoder classifier (builtin:transformer).
+ZOO: tuple[ZooModel, ...] = (
+    ZooModel("resnet18", "torchvision:resnet18"),
+    ZooModel("resnet50", "torchvision:resnet50"),
+    ZooModel("mobilenet_v2", "torchvision:mobilenet_v2"),
+    ZooModel("mobilenet_v3_small", "torchvision:mobilenet_v3_small"),
+    ZooModel("efficientnet_b0", "torchvision:efficientnet_b0"),
+    ZooModel("regnet_x_400mf", "torchvision:regnet_x_400mf"),
+    ZooModel("shufflenet_v2_x1_0", "torchvision:shufflenet_v2_x1_0"),
+    ZooModel("squeezenet1_1", "torchvision:squeezenet1_1", size=64),
+    ZooModel("convnext_tiny", "torchvision:convnext_tiny"),
+    ZooModel("vit_b_16", "torchvision:vit_b_16", kwargs={"image_size": 32}),
+    ZooModel("swin_t", "torchvision:swin_t", size=64),
+    ZooModel("transformer", "builtin:transformer"),
+)
+
+
+# Small versions of the two torchvision transformers (same classes, so the same code paths), for the
+# default test run: python:compress.zoo:tiny_vit and python:compress.zoo:tiny_swin
+def tiny_vit(num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=image_size, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+        num_classes=num_classes,
+    )
+
+
+def tiny_swin(num_classes: int = 10) -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=num_classes
+    )
+
+
+TINY: tuple[ZooModel, ...] = (
+    ZooModel("tiny_vit", "python:compress.zoo:tiny_vit", kwargs={"num_classes": 10}),
+    ZooModel("tiny_swin", "python:compress.zoo:tiny_swin", kwargs={"num_classes": 10}),
+    ZooModel("transformer", "builtin:transformer"),
+)
+
+
+@dataclass
+class Settings:
+    """Small on purpose: the matrix checks that everything runs and agrees, not accuracy."""
+
+    train_samples: int = 32
+    val_samples: int = 16  # what the passes' own evaluations use
+    parity_samples: int = 256  # random inputs the int8 ONNX and the torch quantized model are compared on
+    num_classes: int = 10
+    batch_size: int = 16
+    channel_sparsity: float = 0.25  # of channels, and of attention heads
+    sparsity: float = 0.5
+    distill_epochs: int = 1
+    # 7-bit weights: ONNX Runtime's x86 int8 kernels without VNNI (AVX2, AVX-512F) add pairs of u8 x s8
+    # products in int16, which saturates with full-range 8-bit weights (ORT's reduce_range advice); the
+    # graph itself matches torch exactly at any width (ORT with graph optimizations off)
+    weight_bits: int = 7
+    iterations: int = 10
+    calibration_samples: int = 32
+    latency_runs: int = 10
+    seed: int = 0
+
+
+@dataclass
+class StepResult:
+    status: str = "skip"  # ok | fail | skip
+    seconds: float = 0.0
+    error: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ZooResult:
+    model: str
+    steps: dict[str, StepResult] = field(default_factory=lambda: {s: StepResult() for s in STEPS})
+    parity: dict[str, float] = field(default_factory=dict)
+    size_ratio: float | None = None  # int8-trt ONNX bytes / fp32 ONNX bytes of the unpruned model
+    latency_ratio: float | None = None  # int8-trt / fp32 ONNX Runtime batch-1 median latency
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention path -> [heads before, after]
+
+    @property
+    def passed(self) -> bool:
+        return all(step.status == "ok" for step in self.steps.values())
+
+    def first_error(self) -> str:
+        failed = next(((name, s) for name, s in self.steps.items() if s.status == "fail"), None)
+        return f"{failed[0]}: {failed[1].error}" if failed else ""
+
+
+def random_data(zoo: ZooModel, settings: Settings) -> DataSplits:
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def split(n: int) -> TensorDataset:
+        x = torch.randn(n, 3, zoo.size, zoo.size, generator=generator)
+        y = torch.randint(0, settings.num_classes, (n,), generator=generator)
+        return TensorDataset(x, y)
+
+    return DataSplits(
+        split(settings.train_samples),
+        split(settings.val_samples),
+        split(settings.parity_samples),
+        settings.num_classes,
+        (3, zoo.size, zoo.size),
+        f"random-{zoo.size}px",
+    )
+
+
+def build(zoo: ZooModel, settings: Settings) -> nn.Module:
+    torch.manual_seed(settings.seed)
+    model = build_model(
+        ModelConfig(arch=zoo.arch, kwargs=zoo.kwargs),
+        in_channels=3,
+        num_classes=settings.num_classes,
+        input_size=zoo.size,
+    )
+    # torchvision zero-initialises some classifiers (ViT): every logit 0 would make top-1 agreement
+    # a coin toss between ties, so the output layer gets random weights
+    output = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    with torch.no_grad():
+        if not output.weight.any():
+            nn.init.normal_(output.weight, std=1.0 / output.weight[0].numel() ** 0.5)
+    return model.eval()
+
+
+def run_pass(name: str, state: ModelState, params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    spec = get_pass(name)
+    result = spec.apply(state, spec.config_type(**params), ctx)
+    return result.info
+
+
+def reload_check(state: ModelState, fresh: Callable[[], nn.Module], example: torch.Tensor) -> float:
+    """The stage checkpoint, through torch.save/load(weights_only=True), into a freshly built model:
+    returns the largest output difference (0 for an exact reload)."""
+    buffer = io.BytesIO()
+    torch.save(state.checkpoint(), buffer)
+    buffer.seek(0)
+    payload = torch.load(buffer, weights_only=True)
+    loaded = ModelState.from_checkpoint(fresh(), payload)
+    with torch.no_grad():
+        return float((loaded.model.eval()(example) - state.model.eval()(example)).abs().max())
+
+
+def _heads(model: nn.Module) -> dict[str, int]:
+    return {name: m.num_heads for name, m in attention_modules(model).items()}
+
+
+def run_zoo_model(
+    zoo: ZooModel, settings: Settings | None = None, workdir: Path | None = None, *, stop_on_error: bool = False
+) -> ZooResult:
+    """Every step of the pipeline on `zoo`; never raises for a step's failure unless stop_on_error."""
+    from export.lint import lint_onnx
+    from export.onnx_export import export_onnx
+    from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
+    from export.qdq import convert_to_int8
+
+    settings = settings or Settings()
+    result = ZooResult(zoo.name)
+    data = random_data(zoo, settings)
+    example = data.test[0][0].unsqueeze(0)
+    eval_x = data.test.tensors[0]
+    temp = tempfile.TemporaryDirectory() if workdir is None else None
+    out = Path(temp.name) if temp is not None else workdir
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    scratch: dict[str, Any] = {}
+
+    def ctx(name: str) -> StageContext:
+        context = StageContext.standalone(data, seed=settings.seed, batch_size=settings.batch_size, name=name)
+        context.calibration_samples = settings.calibration_samples
+        context.baseline = scratch.get("baseline")
+        return context
+
+    def step(name: str, fn: Callable[[StepResult], None]) -> bool:
+        record = result.steps[name]
+        started = time.perf_counter()
+        try:
+            fn(record)
+            record.status = "ok"
+        except Exception as exc:  # recorded, not raised: the table shows every model's every step
+            record.status = "fail"
+            record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            record.info["traceback"] = traceback.format_exc(limit=-4)
+            if stop_on_error:
+                raise
+        finally:
+            record.seconds = time.perf_counter() - started
+        return record.status == "ok"
+
+    def do_build(record: StepResult) -> None:
+        model = build(zoo, settings)
+        scratch["state"] = ModelState(model)
+        scratch["baseline"] = ModelState(copy.deepcopy(model).eval())
+        record.info["params"] = sum(p.numel() for p in model.parameters())
+
+    def do_prune_channels(record: StepResult) -> None:
+        state: ModelState = scratch["state"]
+        before = _heads(state.model)
+        params = {
+            "sparsity": settings.channel_sparsity,
+            "granularity": "channels",
+            "finetune": {"epochs": 0},
+            "measure_dnr": False,
+        }
+        info = run_pass("prune.magnitude", state, params, ctx("prune-ch"))
+        after = _heads(state.model)
+        result.heads = {name: [before[name], after[name]] for name in before}
+        record.info["macs_ratio"] = info.get("macs_ratio")
+        record.info["params_after"] = info.get("params_after")
+        record.info["reload_diff"] = reload_check(state, lambda: build(zoo, settings), example)
+        if record.info["reload_diff"] > 1e-4:
+            raise AssertionError(f"channel-pruned checkpoint reloads with outputs off by {record.info['reload_diff']:.3g}")
+
+    def do_prune_unstructured(record: StepResult) -> None:
+        params = {"sparsity": settings.sparsity, "finetune": {"epochs": 0}, "measure_dnr": False}
+        info = run_pass("prune.magnitude", scratch["state"], params, ctx("prune-un"))
+        record.info["sparsity"] = info["steps"][-1]["sparsity"]
+
+    def do_distill(record: StepResult) -> None:
+        params = {"epochs": settings.distill_epochs, "lr": 0.01, "teacher": "baseline"}
+        info = run_pass("distill.dot", scratch["state"], params, ctx("distill"))
+        record.info["loss"] = info["final_loss"]
+
+    def do_quantize(record: StepResult) -> None:
+        state: ModelState = scratch["state"]
+        params = {
+            "weight_bits": settings.weight_bits,
+            "activation_bits": 8,
+            "iterations": settings.iterations,
+            "calibration_samples": settings.calibration_samples,
+            "batch_size": settings.batch_size,
+            "weight_range": "minmax",
+            "act_calibration": "minmax",
+        }
+        info = run_pass("quantize.adaround", state, params, ctx("quantize"))
+        record.info["layers"] = len(info["bits"])
+        record.info["activation_quantizers"] = info["activation_quantizers"]
+        for name, mask in state.masks.items():  # pruned weights stay exactly zero through quantization
+            layer = state.model.get_submodule(name.rpartition(".")[0])
+            if hasattr(layer, "weight_int") and bool((layer.weight_int[~mask.bool()] != 0).any()):
+                raise AssertionError(f"{name}: a pruned weight is non-zero after quantization")
+        record.info["reload_diff"] = reload_check(state, lambda: build(zoo, settings), example)
+        if record.info["reload_diff"] > 1e-5:
+            raise AssertionError(f"quantized checkpoint reloads with outputs off by {record.info['reload_diff']:.3g}")
+
+    def do_export(record: StepResult) -> None:
+        state: ModelState = scratch["state"]
+        qdq = export_onnx(state.model, example, out / "model.qdq.onnx")
+        proto = convert_to_int8(qdq, "int8-trt")
+        path = out / "model.int8-trt.onnx"
+        path.write_bytes(proto.SerializeToString())
+        scratch["int8"] = path
+        record.info["bytes"] = file_size(path)
+        # the reference for the size and latency ratios: the unpruned float model's fp32 ONNX
+        scratch["fp32"] = export_onnx(scratch["baseline"].model, example, out / "baseline.fp32.onnx")
+        result.size_ratio = file_size(path) / file_size(scratch["fp32"])
+
+    def do_lint(record: StepResult) -> None:
+        findings = lint_onnx(scratch["int8"])
+        record.info["findings"] = [str(f) for f in findings]
+        if findings:
+            raise AssertionError(f"{len(findings)} lint findings, e.g. {findings[0]}")
+
+    def do_parity(record: StepResult) -> None:
+        state: ModelState = scratch["state"]
+        session = ort_session(scratch["int8"], threads=1)
+        with torch.no_grad():
+            reference = state.model.eval()(eval_x).numpy()
+        got = predict(session, eval_x.numpy())
+        result.parity = parity(reference, got)
+        if result.parity["top1_agreement"] < MIN_AGREEMENT:
+            raise AssertionError(f"top-1 agreement {result.parity['top1_agreement']:.3f} < {MIN_AGREEMENT}")
+        if settings.latency_runs and "fp32" in scratch:
+            shape = tuple(eval_x.shape[1:])
+            kw = {"batch_sizes": (1,), "warmup": 2, "runs": settings.latency_runs}
+            fp32 = measure_latency(ort_session(scratch["fp32"], threads=1), shape, **kw)["batch1"]
+            int8 = measure_latency(session, shape, **kw)["batch1"]
+            assert isinstance(fp32, float) and isinstance(int8, float)
+            result.latency_ratio = int8 / fp32
+            record.info["latency_ms"] = {"fp32": fp32, "int8-trt": int8}
+
+    try:
+        plan = [
+            ("build", do_build),
+            ("prune-ch", do_prune_channels),
+            ("prune-un", do_prune_unstructured),
+            ("distill", do_distill),
+            ("quantize", do_quantize),
+            ("export", do_export),
+            ("lint", do_lint),
+            ("parity", do_parity),
+        ]
+        # what each step needs: a failed channel prune leaves the model usable for the rest
+        needs = {"prune-ch": "build", "prune-un": "build", "distill": "build", "quantize": "build",
+                 "export": "quantize", "lint": "export", "parity": "export"}
+        for name, fn in plan:
+            need = needs.get(name)
+            if need is not None and result.steps[need].status != "ok":
+                continue
+            if name == "prune-ch":
+                # Torch-Pruning changes the model in place; a failure must not leave it half-pruned
+                saved = copy.deepcopy(scratch["state"])
+                if not step(name, fn):
+                    scratch["state"] = saved
+                continue
+            step(name, fn)
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    return result
+
+
+def format_table(results: list[ZooResult]) -> str:
+    """One row per model: each step's status, parity, size and latency ratios; then the errors."""
+    header = ["model", *STEPS, "top1 agree", "max|diff|", "size", "latency", "heads", "seconds"]
+    rows = [header]
+    for r in results:
+        heads = ""
+        if r.heads:
+            before = sum(b for b, _ in r.heads.values())
+            after = sum(a for _, a in r.heads.values())
+            heads = f"{before}->{after}"
+        rows.append(
+            [
+                r.model,
+                *(r.steps[s].status for s in STEPS),
+                f"{r.parity['top1_agreement']:.3f}" if r.parity else "-",
+                f"{r.parity['max_abs_diff']:.2g}" if r.parity else "-",
+                f"{r.size_ratio:.3f}" if r.size_ratio is not None else "-",
+                f"{r.latency_ratio:.2f}" if r.latency_ratio is not None else "-",
+                heads or "-",
+                f"{sum(s.seconds for s in r.steps.values()):.0f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    errors = [f"  {r.model}: {r.first_error()}" for r in results if r.first_error()]
+    if errors:
+        lines += ["", "gaps:", *errors]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The model-zoo matrix (compress.zoo): every step of the pipeline on each model, real Torch-Pruning
+and ONNX Runtime, random weights and data.
+
+Default run: the small ViT and Swin (torchvision's own classes) and the nn.TransformerEncoder
+classifier, with minimal settings. The twelve full-size models of issue 10 are marked `zoo` (and slow):
+minutes each on two cores, so `make test` leaves them out; run them with `pytest -m zoo` or bench/zoo.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from compress.zoo import STEPS, TINY, ZOO, Settings, ZooResult, format_table, run_zoo_model
+
+pytest.importorskip("torchvision")
+
+FAST = Settings(train_samples=16, val_samples=8, parity_samples=128, iterations=2, calibration_samples=16, latency_runs=0)
+
+
+def _check(result: ZooResult) -> None:
+    failed = {name: step.error for name, step in result.steps.items() if step.status != "ok"}
+    assert not failed, failed
+    assert result.parity["top1_agreement"] >= 0.99
+    assert result.steps["prune-ch"].info["reload_diff"] <= 1e-4
+    assert result.steps["quantize"].info["reload_diff"] <= 1e-5
+    assert result.steps["lint"].info["findings"] == []
+    assert result.size_ratio is not None and result.size_ratio < 0.5  # int8 weights, a quarter pruned
+
+
+@pytest.mark.parametrize("zoo", TINY, ids=[z.name for z in TINY])
+def test_small_transformers_through_every_step(zoo) -> None:  # noqa: ANN001
+    result = run_zoo_model(zoo, FAST)
+    _check(result)
+    # whole heads went, structurally, and the pruned model exported and ran (parity above)
+    assert result.heads
+    before = sum(b for b, _ in result.heads.values())
+    after = sum(a for _, a in result.heads.values())
+    assert after == before - int(before * FAST.channel_sparsity)
+
+
+def test_failed_step_is_recorded_with_module_and_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from compress.zoo import ZooModel
+
+    module = types.ModuleType("zoo_test_models")
+    module.branchy = branchy  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "zoo_test_models", module)
+    # a model whose forward branches on data: every float pass runs, quantization cannot trace it
+    result = run_zoo_model(ZooModel("branchy", "python:zoo_test_models:branchy"), FAST)
+    assert result.steps["prune-un"].status == "ok" and result.steps["distill"].status == "ok"
+    quantize = result.steps["quantize"]
+    assert quantize.status == "fail"
+    assert "module 'gate' (Gate)" in quantize.error and "fx-traceable" in quantize.error
+    assert result.steps["export"].status == "skip" and not result.passed
+    table = format_table([result])
+    assert "branchy" in table and "gaps:" in table and "module 'gate' (Gate)" in table
+
+
+def branchy():  # noqa: ANN201
+    import torch
+    from torch import nn
+
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.mean() > 0 else -x
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gate = Gate()
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gate(self.conv(x)).mean((2, 3)))
+
+    return Branchy()
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.parametrize("zoo", ZOO, ids=[z.name for z in ZOO])
+def test_zoo_model_through_every_step(zoo) -> None:  # noqa: ANN001
+    result = run_zoo_model(zoo)
+    _check(result)
+    if zoo.name in ("vit_b_16", "swin_t"):  # whole heads pruned, and the model still exported and ran
+        assert sum(a for _, a in result.heads.values()) < sum(b for b, _ in result.heads.values())
+    assert list(result.steps) == list(STEPS)
