@@ -175,13 +175,15 @@ def quant_sensitivity(
     score: Scorer,
     path: Path | None,
     progress: RunProgress,
+    grid: str | None = None,
 ) -> Analysis:
     from compress.quant import build, make_plan
     from compress.quant.adaround import set_rtn
     from compress.quant.graph import quant_layers, set_float
     from compress.quant.grid import weight_scales
 
-    analysis = Analysis(path, f"{state_digest(state)}:quantize:{weight_range}", "quantize", "bits")
+    analysis = Analysis(path, f"{state_digest(state)}:quantize:{weight_range}:{grid}", "quantize", "bits")
+    on_grid = {"grid": grid} if grid is not None else {}  # the stage's weight grid, where the pass has one
     levels = [str(b) for b in bits]
     plan = make_plan(state.model, weight_bits=8, activation_bits=None, layer_bits={}, skip=[], first_last_8bit=False)
     model = build(state.model, plan).eval()
@@ -195,8 +197,8 @@ def quant_sensitivity(
 
         def apply(level: str, layer: Any = layer, mask: Tensor | None = mask) -> Callable[[], None]:
             layer.bits = int(level)
-            layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, weight_range))
-            set_rtn(layer, mask.to(layer.float_weight.dtype) if mask is not None else None)
+            layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, weight_range, **on_grid))
+            set_rtn(layer, mask.to(layer.float_weight.dtype) if mask is not None else None, **on_grid)
             layer.use_float = False
             return lambda: setattr(layer, "use_float", True)
 
@@ -219,7 +221,8 @@ def stage_sensitivity(
         return prune_sensitivity(state, layers, config.sparsity, score, path, progress)
     if pass_name.startswith("quantize."):
         bits = list(config.bits_choices) if config.weight_bits == "auto" else [config.weight_bits]
-        return quant_sensitivity(state, bits, config.weight_range, score, path, progress)
+        grid = getattr(config, "weight_grid", None)
+        return quant_sensitivity(state, bits, config.weight_range, score, path, progress, grid)
     raise BadInput(f"{pass_name}: per-layer sensitivity is measured for prune.* and quantize.* stages only")
 
 

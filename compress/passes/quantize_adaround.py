@@ -161,7 +161,8 @@ def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tu
         return float(metric(logits, labels)), logits
 
     path = analysis_path(ctx.stage_dir) if ctx.stage_dir is not None else None
-    analysis = quant_sensitivity(state, cfg.bits_choices, cfg.weight_range, score, path, ctx.progress)
+    analysis = quant_sensitivity(state, cfg.bits_choices, cfg.weight_range, score, path, ctx.progress,
+                                 getattr(cfg, "weight_grid", None))
     weights = {n: analysis.layers[n]["weights"] for n in names}
     assert cfg.budget is not None
     capacity = (cfg.budget.average_bits * sum(weights.values()) if cfg.budget.average_bits is not None
