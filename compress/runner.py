@@ -370,6 +370,7 @@ class Runner:
             sensitivity=lambda: self.stage_sensitivity(index, stage, config, state, progress),
             progress=progress,
             name=stage.name,
+            resume=self.options.resume,
         )
 
     def stage_sensitivity(self, index: int, stage: Any, config: Any, state: ModelState, progress: RunProgress) -> Any:

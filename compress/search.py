@@ -77,6 +77,7 @@ class Search:
         template: ModelState,
         progress: RunProgress,
         name: str,
+        resume: bool = True,
     ) -> None:
         self.pass_name, self.params, self.config_type = pass_name, params, config_type
         self.budget, self.key, self.run_trial, self.judge = budget, key, run_trial, judge
@@ -87,7 +88,8 @@ class Search:
         self.files: dict[str, dict[str, Any]] = {}  # "passing"/"failing" -> {"trial", "sha256"}
         self.replayed = 0
         self.states: dict[str, tuple[int, ModelState]] = {}  # best models this process holds in memory
-        self._load()
+        if resume:
+            self._load()
 
     # --- the log -----------------------------------------------------------------------------------
 
@@ -365,6 +367,7 @@ def search_stage(
     sensitivity: Callable[[], Any],
     progress: RunProgress,
     name: str,
+    resume: bool = True,
 ) -> tuple[ModelState, dict[str, Any]]:
     """Run (or continue) the search of one stage; the kept model and its stage entry with `search` added.
 
@@ -373,6 +376,7 @@ def search_stage(
     search = Search(
         pass_name=pass_name, params=params, config_type=config_type, budget=budget or SearchConfig(), key=key,
         run_trial=run_trial, judge=judge, directory=directory, template=input_state, progress=progress, name=name,
+        resume=resume,
     )
     search.replayed = len(search.trials)
     search.run(sensitivity)
