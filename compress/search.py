@@ -42,6 +42,7 @@ from compress.recipe import SearchConfig, stable_hash
 from compress.state import ModelState
 
 LOG_FORMAT = "compress.search/1"
+FLOAT = 32  # a layer left in float (skip), in the quantization search's bit assignments
 RunTrial = Callable[[Any], tuple[ModelState, dict[str, Any]]]  # typed pass config -> (state, stage entry)
 Judge = Callable[[float], dict[str, Any]]  # metric -> the gate's verdict
 
@@ -296,45 +297,52 @@ class Search:
         user_bits = dict(self.params.get("layer_bits") or {})
         user_skip = list(self.params.get("skip") or [])
 
-        def changes(eight: list[str], floats: list[str]) -> dict[str, Any]:
-            # exact layer names first: make_plan takes the first matching pattern
-            out: dict[str, Any] = {"layer_bits": {**{n: 8 for n in eight if n not in floats}, **user_bits}}
+        def changes(assigned: dict[str, int]) -> dict[str, Any]:
+            """Layer -> bits (FLOAT: skipped); exact names first, as make_plan takes the first matching pattern."""
+            out: dict[str, Any] = {"layer_bits": {**{n: b for n, b in assigned.items() if b != FLOAT}, **user_bits}}
+            floats = [n for n, b in assigned.items() if b == FLOAT]
             if floats:
                 out["skip"] = user_skip + floats
             return out
 
-        found: tuple[list[str], list[str]] | None = None
-        for k in range(group, len(order) + group, group):
-            eight = order[:k]
-            record = self.trial("to 8 bits", changes(eight, []))
-            if record is None:
-                return
-            if self.passed(record):
-                found = (eight, [])
-                break
-        if found is None:
+        found: dict[str, int] | None = None
+        for target in (8, FLOAT):  # the most sensitive to 8 bits, a group more a trial; then to float
             for k in range(group, len(order) + group, group):
-                floats = order[:k]
-                record = self.trial("to float", changes(order, floats))
+                assigned = {n: target for n in order[:k]}
+                if target == FLOAT:
+                    assigned = {**{n: 8 for n in order}, **assigned}
+                record = self.trial("to 8 bits" if target == 8 else "to float", changes(assigned))
                 if record is None:
                     return
                 if self.passed(record):
-                    found = (order, floats)
+                    found = assigned
                     break
+            if found is not None:
+                break
         if found is None:
             return
-        eight, floats = list(found[0]), list(found[1])
-        # win bits back: least sensitive first, one layer a trial (float -> 8 bits, 8 bits -> the stage's)
-        for name in reversed(floats + [n for n in eight if n not in floats]):
-            if name in floats:
-                trial_eight, trial_floats = eight, [n for n in floats if n != name]
-            else:
-                trial_eight, trial_floats = [n for n in eight if n != name], floats
-            record = self.trial("win back", changes(trial_eight, trial_floats))
-            if record is None:
-                return
-            if self.passed(record):
-                eight, floats = trial_eight, trial_floats
+        # win bits back, least sensitive first, one rung a trial: float -> 8 -> 4 -> the stage's bits
+        assigned = dict(found)
+        moved = True
+        while moved:
+            moved = False
+            for name in reversed(order):
+                if name not in assigned:
+                    continue
+                rungs = [b for b in (FLOAT, 8, 4) if b > planned[name]] + [planned[name]]
+                lower = rungs[rungs.index(assigned[name]) + 1] if assigned[name] != planned[name] else None
+                if lower is None:
+                    continue
+                attempt = dict(assigned)
+                if lower == planned[name]:
+                    del attempt[name]
+                else:
+                    attempt[name] = lower
+                record = self.trial("win back", changes(attempt))
+                if record is None:
+                    return
+                if self.passed(record):
+                    assigned, moved = attempt, True
 
     # --- the outcome ---------------------------------------------------------------------------------
 

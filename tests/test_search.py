@@ -144,7 +144,7 @@ def test_quantization_search_moves_sensitive_layers_to_8_bits(tiny_recipe: dict,
     assert report["status"] == "passed" and stage["gate"]["passed"]
     assert [t["phase"] for t in trials[:2]] == ["target", "to 8 bits"]
     assert len(trials[1]["changes"]["layer_bits"]) == 4
-    assert set(stage["bits"].values()) == {2, 8}  # mixed precision
+    assert 2 in stage["bits"].values() and 8 in stage["bits"].values()  # mixed precision
     # the layers moved first are the most sensitive ones at 2 bits (the cached analysis)
     layers = json.loads((out / "analysis" / "01-quantize.json").read_text())["layers"]
     ranking = sorted(layers, key=lambda n: (-layers[n]["results"]["2"]["drop"], -layers[n]["results"]["2"]["kl"]))
