@@ -45,6 +45,7 @@ def prune_search(tmp_path_factory: pytest.TempPathFactory, session_cache: Path, 
     return path, report, base / "straight"
 
 
+@pytest.mark.slow
 def test_prune_search_keeps_the_sparsest_passing_trial(prune_search) -> None:
     _, report, out = prune_search
     assert report["status"] == "passed"
@@ -65,6 +66,7 @@ def test_prune_search_keeps_the_sparsest_passing_trial(prune_search) -> None:
     assert "## Search: search of stage 'prune'" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_search_killed_mid_way_resumes_without_repeating_a_trial(
     prune_search, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -112,6 +114,7 @@ def test_search_killed_mid_way_resumes_without_repeating_a_trial(
     assert ran == [] and again["stages"][0]["resumed"] is True
 
 
+@pytest.mark.slow
 def test_no_passing_trial_saves_the_best_failing_one_and_exits_3(
     tiny_recipe: dict, write_recipe, tmp_path: Path
 ) -> None:
@@ -131,6 +134,7 @@ def test_no_passing_trial_saves_the_best_failing_one_and_exits_3(
     assert not (out / "stages" / "01-prune" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_quantization_search_moves_sensitive_layers_to_8_bits(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
     tiny_recipe["stages"] = [{
         "name": "quantize", "pass": "quantize.rtn", "params": {"weight_bits": 2, "calibration_samples": 64},

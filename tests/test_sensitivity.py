@@ -37,6 +37,7 @@ def test_knapsack_matches_brute_force() -> None:
         knapsack_bits(costs, weights, 1.5 * sum(weights.values()))
 
 
+@pytest.mark.slow
 def test_analyze_prints_table_writes_chart_and_caches(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
     tiny_recipe["stages"][0]["params"]["sparsity"] = 0.9
     recipe, out = write_recipe(tiny_recipe), tmp_path / "run"
@@ -60,6 +61,7 @@ def test_analyze_prints_table_writes_chart_and_caches(tiny_recipe: dict, write_r
     assert bad.exit_code == 2 and "no stage 'nope'" in bad.output
 
 
+@pytest.mark.slow
 def test_auto_bits_meets_the_average_budget(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
     tiny_recipe["stages"] = [{
         "name": "quantize", "pass": "quantize.rtn",
