@@ -128,7 +128,7 @@ def plot_metric_vs_size(report: dict[str, Any], path: Path) -> Path | None:
 
 def plot_sensitivity(analysis: dict[str, Any], level: str, path: Path, title: str) -> Path:
     """Per-layer metric drop with only that layer pruned/quantized, most sensitive on top (sensitivity.py)."""
-    layers = analysis["layers"]
+    layers = {n: e for n, e in analysis["layers"].items() if level in e["results"]}
     names = sorted(layers, key=lambda n: (-layers[n]["results"][level]["drop"], -layers[n]["results"][level]["kl"]))
     drops = [100 * layers[n]["results"][level]["drop"] for n in names]
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(names) + 1.2)))

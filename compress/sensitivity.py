@@ -89,7 +89,7 @@ class Analysis:
 
     def ranking(self, level: str, names: list[str] | None = None) -> list[str]:
         """Layer names, most sensitive first: by metric drop, then by KL (many drops are equal)."""
-        names = names if names is not None else list(self.layers)
+        names = [n for n in (names if names is not None else self.layers) if level in self.layers[n]["results"]]
 
         def key(name: str) -> tuple[float, float]:
             result = self.layers[name]["results"][level]
