@@ -4,17 +4,27 @@ For each quantized layer in forward order, on cached calibration data:
   inputs  x~ = the layer's (activation-quantized) input in the model whose earlier layers are already
                hard-rounded: the "asymmetric" reconstruction, so later layers correct earlier errors;
   targets y  = f(W x) from the BN-folded float model, f the ReLU/ReLU6 that follows the layer, if any;
-  W~ = s * clip(floor(W/s) + h(V), -qmax, qmax), h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1);
+  W~ = s * clip(floor(W/s) + h(V), qmin, qmax), h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),
+       [qmin, qmax] the narrow or full weight grid (compress/quant/grid.py);
   loss = sum over output channels, mean over batch and positions, of (f(W~ x~ + b) - y)^2
          + lambda * sum(1 - |2 h(V) - 1|^beta), the regulariser off for the warm start, then beta
          annealed from beta_start to beta_end by a cosine (as AIMET and torch.ao do);
   Adam on V only; at the end the integers are floor(W/s) + 1[V >= 0], clipped.
 Weights a pruning mask holds at zero are multiplied by the mask in W~ and in the integers, so no
 rounding decision can move them off zero (0 is on the symmetric grid).
+
+Cost on CPU: each step is a batch-32 conv forward and weight-gradient on one layer, too small for an
+intra-op thread pool to pay off when the cores are shared: on a 2-core machine at load ~7, two torch
+threads ran these steps 5-10x slower than one (OpenMP workers waiting on descheduled peers). So, unless
+`threads` is set, each layer times a few of its own steps with one thread and with torch's thread count
+and runs the rest with the faster, timing again every THREAD_PROBE_EVERY steps (the load changes).
+The choice does not change the algorithm, only float summation order (results can differ in the last
+bits between thread counts: set `threads` for bit-reproducible runs).
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress.quant.graph import quant_layers, set_float
-from compress.quant.grid import quantize_weight, weight_qmax
+from compress.quant.grid import WeightGrid, quantize_weight, weight_qrange
 from compress.quant.modules import QuantLayer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -47,6 +57,8 @@ class AdaRoundSettings:
     warm_start: float = 0.2
     cache_bytes: int = 2 * 1024**3
     seed: int = 0
+    weight_grid: WeightGrid = "narrow"
+    threads: int | None = None  # CPU: torch threads for the steps; None: measured per layer (see above)
 
 
 @dataclass
@@ -71,8 +83,8 @@ def init_v(weight_over_scale: Tensor) -> Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
 
-def hard_round(w_floor: Tensor, v: Tensor, qmax: int, mask: Tensor | None) -> Tensor:
-    q = torch.clamp(w_floor + (v >= 0).to(w_floor.dtype), -qmax, qmax)
+def hard_round(w_floor: Tensor, v: Tensor, qmax: int, mask: Tensor | None, qmin: int | None = None) -> Tensor:
+    q = torch.clamp(w_floor + (v >= 0).to(w_floor.dtype), -qmax if qmin is None else qmin, qmax)
     return q * mask if mask is not None else q
 
 
@@ -89,16 +101,66 @@ def _scale_view(layer: QuantLayer) -> Tensor:
     return layer.weight_scale.view(-1, *([1] * (layer.float_weight.dim() - 1)))
 
 
-def set_rtn(layer: QuantLayer, mask: Tensor | None) -> None:
-    q = quantize_weight(layer.float_weight, layer.weight_scale, layer.bits)
+def set_rtn(layer: QuantLayer, mask: Tensor | None, grid: WeightGrid = "narrow") -> None:
+    q = quantize_weight(layer.float_weight, layer.weight_scale, layer.bits, grid)
     if mask is not None:
         q = q * mask
     layer.weight_int.copy_(q.to(torch.int8))
 
 
 def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
-    """Sum over output channels (dim 1), mean over everything else."""
-    return (out - target).pow(2).sum(dim=1).mean()
+    """Sum over output channels (dim 1), mean over everything else: one fused kernel each way (mse_loss)
+    instead of sub, pow, sum and mean and their backward."""
+    return F.mse_loss(out, target, reduction="sum") * (out.shape[1] / out.numel())
+
+
+THREAD_PROBE_STEPS = 6  # steps timed per candidate thread count (the median counts)
+THREAD_PROBE_EVERY = 1000
+
+
+class ThreadChooser:
+    """Picks the faster torch thread count for the current layer's steps by timing them (CPU only)."""
+
+    def __init__(self, fixed: int | None, device: torch.device) -> None:
+        self.original = torch.get_num_threads()
+        if device.type != "cpu":
+            self.candidates = [self.original]
+        elif fixed is not None:
+            self.candidates = [fixed]
+        else:
+            self.candidates = sorted({1, self.original})
+        self.current = self.candidates[-1]
+        self.times: dict[int, list[float]] = {}
+        self.probe_start = 0
+        self._started = 0.0
+
+    def begin(self, step: int) -> None:
+        if len(self.candidates) > 1:
+            offset = step - self.probe_start
+            if offset == 0:
+                self.times = {n: [] for n in self.candidates}
+            if 0 <= offset < THREAD_PROBE_STEPS * len(self.candidates):
+                self.current = self.candidates[offset // THREAD_PROBE_STEPS]
+            self._started = time.perf_counter()
+        if torch.get_num_threads() != self.current:
+            torch.set_num_threads(self.current)
+
+    def end(self, step: int) -> None:
+        if len(self.candidates) == 1:
+            return
+        offset = step - self.probe_start
+        if 0 <= offset < THREAD_PROBE_STEPS * len(self.candidates):
+            self.times[self.current].append(time.perf_counter() - self._started)
+            if offset + 1 == THREAD_PROBE_STEPS * len(self.candidates):
+                self.current = min(self.candidates, key=lambda n: statistics.median(self.times[n]))
+                self.probe_start = step + THREAD_PROBE_EVERY
+
+    def restart(self) -> None:
+        """A new layer: probe again at its first step."""
+        self.probe_start = 0
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
 
 
 def _output_numel(layer: QuantLayer, x: Tensor) -> int:
@@ -149,23 +211,34 @@ def optimize_layer(
     mask: Tensor | None,
     generator: torch.Generator,
     advance: Callable[..., None] | None = None,
+    threads: ThreadChooser | None = None,
 ) -> Tensor:
     """Learn V for one layer on cached (x~, y); returns the final V (the integers are set in `layer`)."""
     scale = _scale_view(layer)
     w_over_s = layer.float_weight / scale
     w_floor = torch.floor(w_over_s)
-    qmax = weight_qmax(layer.bits)
+    qmin, qmax = weight_qrange(layer.bits, settings.weight_grid)
     v = init_v(w_over_s).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=settings.lr)
     n = len(x)
+    batch = min(settings.batch_size, n)
+    # the sampled batch is gathered into the same two buffers every step (no allocation per step)
+    xb = torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    yb = torch.empty((batch, *y.shape[1:]), dtype=y.dtype, device=y.device)
     report_every = max(1, min(100, settings.iterations // 20))
+    if threads is not None:
+        threads.restart()
     for step in range(settings.iterations):
-        idx = torch.randperm(n, generator=generator)[: settings.batch_size].to(x.device)
+        if threads is not None:
+            threads.begin(step)
+        idx = torch.randperm(n, generator=generator)[:batch].to(x.device)
+        torch.index_select(x, 0, idx, out=xb)
+        torch.index_select(y, 0, idx, out=yb)
         h = h_of_v(v)
-        w_soft = scale * torch.clamp(w_floor + h, -qmax, qmax)
+        w_soft = scale * torch.clamp(w_floor + h, qmin, qmax)
         if mask is not None:
             w_soft = w_soft * mask
-        recon = reconstruction_loss(act(layer.functional(x[idx], w_soft)), y[idx])
+        recon = reconstruction_loss(act(layer.functional(xb, w_soft)), yb)
         beta = beta_at(step, settings)
         loss = recon
         if beta is not None:
@@ -176,11 +249,13 @@ def optimize_layer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if threads is not None:
+            threads.end(step)
         if advance is not None and ((step + 1) % report_every == 0 or step + 1 == settings.iterations):
             advance(report_every if (step + 1) % report_every == 0 else (step + 1) % report_every,
                     f"iteration {step + 1}/{settings.iterations} recon {float(recon.detach()):.4g}")
     v = v.detach()
-    layer.weight_int.copy_(hard_round(w_floor, v, qmax, mask).to(torch.int8))
+    layer.weight_int.copy_(hard_round(w_floor, v, qmax, mask, qmin).to(torch.int8))
     return v
 
 
@@ -201,33 +276,58 @@ def run_adaround(
     generator = torch.Generator().manual_seed(settings.seed)
     reports: list[LayerReport] = []
     subsampled: dict[str, int] = {}
-    for index, (name, layer) in enumerate(layers.items()):
-        started = time.perf_counter()
-        mask = masks.get(f"{name}.weight")
-        mask = mask.to(device=layer.float_weight.device, dtype=layer.float_weight.dtype) if mask is not None else None
-        act = ACTIVATIONS[activations.get(name)]
-        # one sample tells the cache's size per sample: inputs and targets, kept within the budget
-        probe_in = _capture(model, layer, inputs[:1], "input", 1, device)
-        per_sample = probe_in.element_size() * (probe_in.numel() + _output_numel(layer, probe_in))
-        keep = max(1, min(len(inputs), settings.cache_bytes // per_sample))
-        if keep < len(inputs):
-            subsampled[name] = keep
-        batch = 256
-        x = _capture(model, layer, inputs[:keep], "input", batch, device)
-        set_float(model, True)
-        y = act(_capture(model, layer, inputs[:keep], "output", batch, device))
-        set_float(model, False)
-        report = LayerReport(name, layer.bits, samples=keep, activation=activations.get(name))
-        rtn_weight = layer.weight.clone()
-        report.loss_before = _eval_loss(layer, x, y, act, rtn_weight)
-        description = f"adaround {index + 1}/{len(layers)} {name} (W{layer.bits})"
-        if task is not None and settings.iterations > 0:
-            with task(description, settings.iterations) as advance:
-                optimize_layer(layer, x, y, act, settings, mask, generator, advance)
-        else:
-            optimize_layer(layer, x, y, act, settings, mask, generator)
-        report.loss_after = _eval_loss(layer, x, y, act, layer.weight)
-        report.seconds = time.perf_counter() - started
-        reports.append(report)
-        del x, y
+    threads = ThreadChooser(settings.threads, device)
+    try:
+        for index, (name, layer) in enumerate(layers.items()):
+            reports.append(_adaround_layer(model, inputs, settings, index, len(layers), name, layer, masks,
+                                           activations, device, task, generator, threads, subsampled))
+    finally:
+        threads.restore()
     return reports, subsampled
+
+
+def _adaround_layer(
+    model: nn.Module,
+    inputs: Tensor,
+    settings: AdaRoundSettings,
+    index: int,
+    count: int,
+    name: str,
+    layer: QuantLayer,
+    masks: dict[str, Tensor],
+    activations: dict[str, str | None],
+    device: torch.device,
+    task: Callable[[str, int], Any] | None,
+    generator: torch.Generator,
+    threads: ThreadChooser,
+    subsampled: dict[str, int],
+) -> LayerReport:
+    started = time.perf_counter()
+    torch.set_num_threads(threads.current)  # the captures run with the last layer's choice
+    mask = masks.get(f"{name}.weight")
+    mask = mask.to(device=layer.float_weight.device, dtype=layer.float_weight.dtype) if mask is not None else None
+    act = ACTIVATIONS[activations.get(name)]
+    # one sample tells the cache's size per sample: inputs and targets, kept within the budget
+    probe_in = _capture(model, layer, inputs[:1], "input", 1, device)
+    per_sample = probe_in.element_size() * (probe_in.numel() + _output_numel(layer, probe_in))
+    keep = max(1, min(len(inputs), settings.cache_bytes // per_sample))
+    if keep < len(inputs):
+        subsampled[name] = keep
+    batch = 256
+    x = _capture(model, layer, inputs[:keep], "input", batch, device)
+    set_float(model, True)
+    y = act(_capture(model, layer, inputs[:keep], "output", batch, device))
+    set_float(model, False)
+    report = LayerReport(name, layer.bits, samples=keep, activation=activations.get(name))
+    rtn_weight = layer.weight.clone()
+    report.loss_before = _eval_loss(layer, x, y, act, rtn_weight)
+    description = f"adaround {index + 1}/{count} {name} (W{layer.bits})"
+    if task is not None and settings.iterations > 0:
+        with task(description, settings.iterations) as advance:
+            optimize_layer(layer, x, y, act, settings, mask, generator, advance, threads)
+    else:
+        optimize_layer(layer, x, y, act, settings, mask, generator, threads=threads)
+    report.loss_after = _eval_loss(layer, x, y, act, layer.weight)
+    report.seconds = time.perf_counter() - started
+    report.extra["threads"] = threads.current
+    return report

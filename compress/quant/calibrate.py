@@ -50,15 +50,24 @@ def percentile_amax(hist: _Histogram, percentile: float) -> float:
 
 
 def mse_amax(hist: _Histogram, qmax: int) -> float:
-    """amax among the histogram's bin edges minimising the expected squared quantization error."""
+    """amax among the histogram's bin edges minimising the expected squared quantization error.
+
+    Candidates from 1/16 of the range up: every 32nd edge first, then every edge within 32 of the best
+    (a coarse-to-fine search, ~6x fewer candidates than every 4th edge, and finer); empty bins skipped."""
     width = hist.amax / BINS
-    centers = (torch.arange(BINS, dtype=torch.float64) + 0.5) * width
-    counts = hist.counts
-    candidates = torch.arange(BINS // 16, BINS + 1, 4, dtype=torch.float64) * width
-    scale = (candidates / qmax)[:, None]
-    q = torch.clamp(torch.round(centers[None, :] / scale), max=qmax) * scale
-    err = ((centers[None, :] - q).pow(2) * counts[None, :]).sum(dim=1)
-    return float(candidates[int(torch.argmin(err))])
+    filled = hist.counts > 0
+    centers = ((torch.arange(BINS, dtype=torch.float64) + 0.5) * width)[filled]
+    counts = hist.counts[filled]
+
+    def errors(edges: Tensor) -> Tensor:
+        scale = (edges * width / qmax)[:, None]
+        q = torch.clamp(torch.round(centers[None, :] / scale), max=qmax) * scale
+        return ((centers[None, :] - q).pow(2) * counts[None, :]).sum(dim=1)
+
+    coarse = torch.arange(BINS // 16, BINS + 1, 32, dtype=torch.float64)
+    best = float(coarse[int(torch.argmin(errors(coarse)))])
+    fine = torch.arange(max(BINS // 16, best - 32), min(BINS, best + 32) + 1, dtype=torch.float64)
+    return float(fine[int(torch.argmin(errors(fine)))] * width)
 
 
 @torch.no_grad()

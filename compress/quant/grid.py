@@ -1,10 +1,14 @@
 """The integer grids: per-channel symmetric weights, per-tensor symmetric activations.
 
-Weights use the narrow symmetric grid +-(2^(b-1)-1), zero point 0: at 4 bits the integers -7..7, at 2
-bits the ternary -1, 0, 1. It is symmetric around an exactly representable 0 (so a pruned weight stays
-0 and 2:4 patterns survive), and it is what TensorRT expects of weights. AIMET's default is the full
-grid [-2^(b-1), 2^(b-1)-1], one more negative level: at 3 bits that alone moved round-to-nearest on
-ResNet-8 from 87.5% to 80.2% (shared/PEERS.md), so compare the two only with the grid stated.
+Weights: zero point 0 and one scale per output channel, s = (range) / (2^(b-1)-1), on one of two grids:
+- narrow: the integers +-(2^(b-1)-1): at 4 bits -7..7, at 2 bits the ternary -1, 0, 1;
+- full:   [-2^(b-1), 2^(b-1)-1]: at 4 bits -8..7, at 2 bits -2, -1, 0, 1 (AIMET's default grid).
+Both keep 0 exact (a pruned weight stays 0, 2:4 patterns survive), and both are valid int8 weights for
+TensorRT and ONNX Runtime (int8 QuantizeLinear with zero point 0; the export folds the integers into int8
+initializers). With the same scale the full grid is the narrow grid plus one level below -max: round-to-
+nearest with min-max ranges never uses it, the MSE range search and AdaRound can. Compare results only
+with the grid stated: AIMET's full grid with a scale range/2^(b-1) moved ResNet-8 W3 round-to-nearest from
+87.5% to 80.2% (shared/PEERS.md); that is its scale convention, not this one.
 
 Activations use int8 [-128, 127] with zero point 0 and scale amax/127, exactly what ONNX
 QuantizeLinear with an int8 zero point computes (round half to even, then saturate).
@@ -17,11 +21,20 @@ import torch
 from torch import Tensor
 
 WeightRange = Literal["mse", "minmax"]
+WeightGrid = Literal["narrow", "full"]
 MIN_SCALE = 1e-12  # a channel of all zeros still needs a positive scale (ONNX requires scale > 0)
 
 
 def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
+
+
+def weight_qrange(bits: int, grid: WeightGrid = "narrow") -> tuple[int, int]:
+    """(qmin, qmax) of the weight integers: (-7, 7) narrow or (-8, 7) full at 4 bits."""
+    qmax = weight_qmax(bits)
+    if grid not in ("narrow", "full"):
+        raise ValueError(f"weight grid {grid!r}: expected 'narrow' or 'full'")
+    return (-qmax if grid == "narrow" else -qmax - 1), qmax
 
 
 def _per_channel_view(scale: Tensor, weight: Tensor) -> Tensor:
@@ -35,19 +48,21 @@ def round_half_up(x: Tensor) -> Tensor:
     return floor + (x - floor >= 0.5).to(x.dtype)
 
 
-def quantize_weight(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
+def quantize_weight(weight: Tensor, scale: Tensor, bits: int, grid: WeightGrid = "narrow") -> Tensor:
     """Round-to-nearest integers (as float) on the grid; scale has one entry per output channel."""
-    qmax = weight_qmax(bits)
-    return torch.clamp(round_half_up(weight / _per_channel_view(scale, weight)), -qmax, qmax)
+    qmin, qmax = weight_qrange(bits, grid)
+    return torch.clamp(round_half_up(weight / _per_channel_view(scale, weight)), qmin, qmax)
 
 
 @torch.no_grad()
-def weight_scales(weight: Tensor, bits: int, method: WeightRange = "mse", candidates: int = 100) -> Tensor:
+def weight_scales(
+    weight: Tensor, bits: int, method: WeightRange = "mse", candidates: int = 100, grid: WeightGrid = "narrow"
+) -> Tensor:
     """Per-output-channel scales: min-max, or the shrunk max|w| (1.0 down to 0.1 of it) with the least
-    squared rounding error per channel, the grid then frozen while AdaRound learns the rounding."""
+    squared rounding error per channel on `grid`, the grid then frozen while AdaRound learns the rounding."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1)
-    qmax = weight_qmax(bits)
+    qmin, qmax = weight_qrange(bits, grid)
     if method == "minmax":
         return torch.clamp(amax / qmax, min=MIN_SCALE)
     ratios = torch.linspace(1.0, 0.1, candidates, device=w.device)
@@ -56,7 +71,7 @@ def weight_scales(weight: Tensor, bits: int, method: WeightRange = "mse", candid
     chunk = max(1, (1 << 22) // max(w.numel(), 1))
     for part in ratios.split(chunk):
         scale = torch.clamp(amax[None, :] * part[:, None] / qmax, min=MIN_SCALE)[:, :, None]
-        q = torch.clamp(round_half_up(w[None] / scale), -qmax, qmax) * scale
+        q = torch.clamp(round_half_up(w[None] / scale), qmin, qmax) * scale
         errors.append((w[None] - q).pow(2).sum(dim=2))
     best = torch.cat(errors).argmin(dim=0)  # first minimum: the widest range among equals
     return torch.clamp(amax * ratios[best] / qmax, min=MIN_SCALE)

@@ -22,7 +22,8 @@ def _quantize_stage(pass_name: str = "quantize.adaround", **params) -> dict:
 
 @pytest.mark.slow
 def test_prune_then_adaround_runs_resumes_and_exports(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
-    tiny_recipe["stages"].append(_quantize_stage(first_last_8bit=True))
+    tiny_recipe["stages"].append(_quantize_stage(first_last_8bit=True, residual_quantizers="both"))
+    tiny_recipe["export"]["onnx"]["precisions"] = ["fp32", "int8-trt", "int8-ort"]
     out = tmp_path / "run"
     first = run_recipe(write_recipe(tiny_recipe), RunOptions(out=out, quiet=True))
     stage = first["stages"][1]
@@ -35,7 +36,9 @@ def test_prune_then_adaround_runs_resumes_and_exports(tiny_recipe: dict, write_r
     payload = torch.load(out / stage["checkpoint"], weights_only=True)
     state = payload["state_dict"]
     assert state["layer1.0.conv1.weight_int"].dtype == torch.int8
-    assert state["layer1.0.conv1.weight_int"].abs().max() <= 7
+    # W4 on the default full grid [-8, 7] (weight_grid: narrow gives -7..7)
+    assert stage["weight_grid"] == "full"
+    assert state["layer1.0.conv1.weight_int"].min() >= -8 and state["layer1.0.conv1.weight_int"].max() <= 7
     # pruning masks survive quantization: every pruned weight is the integer 0
     for key, mask in payload["masks"].items():
         assert torch.all(state[key.replace(".weight", ".weight_int")][~mask] == 0), key
@@ -45,6 +48,13 @@ def test_prune_then_adaround_runs_resumes_and_exports(tiny_recipe: dict, write_r
     # the exact-semantics check is tests/quant/test_quant_core.py)
     parity = first["export"]["fp32"]["parity"]
     assert parity["top1_agreement"] >= 0.99 and parity["mean_abs_diff"] < 0.05
+    for flavor in ("int8-trt", "int8-ort"):
+        entry = first["export"][flavor]
+        assert entry["parity"]["top1_agreement"] >= 0.99, flavor
+        assert entry["size_bytes"] < first["export"]["fp32"]["size_bytes"] * 0.5, flavor
+        assert (out / entry["path"]).is_file()
+    assert first["export"]["int8-trt"]["lint"]["findings"] == []
+    assert first["export"]["int8-trt"]["gate"]["passed"]
 
     again = run_recipe(write_recipe(tiny_recipe), RunOptions(out=out, quiet=True))
     assert [s["resumed"] for s in again["stages"]] == [True, True]
@@ -74,6 +84,8 @@ def test_rtn_and_zero_iteration_adaround_agree(tiny_recipe: dict, write_recipe, 
         ({"activation_bits": 4}, "activation_bits"),
         ({"layer_bits": {"conv*": 9}}, "layer_bits"),
         ({"iterations": -1}, "iterations"),
+        ({"weight_grid": "wide"}, "weight_grid"),
+        ({"threads": 0}, "threads"),
         ({"bogus": 1}, "bogus"),
     ],
 )

@@ -13,7 +13,7 @@ from compress.quant import ActQuant, build, make_plan
 from compress.quant.adaround import AdaRoundSettings, h_of_v, hard_round, init_v, optimize_layer, set_rtn
 from compress.quant.calibrate import calibrate_activations
 from compress.quant.graph import act_quantizers, quant_layers, set_float
-from compress.quant.grid import quantize_weight, weight_qmax, weight_scales
+from compress.quant.grid import quantize_weight, weight_qmax, weight_qrange, weight_scales
 
 
 class Block(nn.Module):
@@ -147,6 +147,61 @@ def test_masked_weights_stay_zero() -> None:
     assert (layer.weight_int[~mask] == 0).all()
     v = torch.full((3,), 5.0)
     assert torch.equal(hard_round(torch.zeros(3), v, 1, torch.tensor([1.0, 0.0, 1.0])), torch.tensor([1.0, 0.0, 1.0]))
+
+
+
+def test_full_grid_has_one_more_negative_level() -> None:
+    assert weight_qrange(2, "narrow") == (-1, 1) and weight_qrange(2, "full") == (-2, 1)
+    assert weight_qrange(8, "full") == (-128, 127)  # still int8: export folds these into int8 initializers
+    w = torch.randn(16, 8, 3, 3)
+    for bits in (2, 3, 4):
+        narrow = weight_scales(w, bits, "mse", grid="narrow")
+        full = weight_scales(w, bits, "mse", grid="full")
+        q = quantize_weight(w, full, bits, "full")
+        assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+        # the full grid contains the narrow one: its MSE-chosen scales never quantize worse
+        def err(scale: torch.Tensor, grid: str) -> torch.Tensor:
+            return (w - quantize_weight(w, scale, bits, grid) * scale.view(-1, 1, 1, 1)).pow(2).flatten(1).sum(1)
+        assert (err(full, "full") <= err(narrow, "narrow") + 1e-6).all()
+    # min-max with the full grid: the same scales and integers as narrow (the extra level lies beyond -max)
+    minmax = weight_scales(w, 3, "minmax", grid="full")
+    assert torch.equal(minmax, weight_scales(w, 3, "minmax")) and torch.equal(
+        quantize_weight(w, minmax, 3, "full"), quantize_weight(w, minmax, 3))
+
+
+def test_adaround_on_the_full_grid() -> None:
+    layer, x, y = _layer_setup(bits=2)
+    layer.weight_scale.copy_(weight_scales(layer.float_weight, 2, "mse", grid="full"))
+    set_rtn(layer, None, "full")
+    rtn = layer.weight_int.clone()
+    assert rtn.min() == -2  # the MSE range uses the extra level
+    optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=0, weight_grid="full"), None, torch.Generator())
+    assert torch.equal(layer.weight_int, rtn)  # zero iterations: round-to-nearest on the same grid
+    optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=40, batch_size=16, weight_grid="full"),
+                   None, torch.Generator().manual_seed(0))
+    ints = layer.weight_int.float()
+    assert ints.min() >= -2 and ints.max() <= 1
+    clipped = torch.clamp(layer.float_weight / layer.weight_scale.view(-1, 1, 1, 1), -2, 1)
+    assert ((ints - clipped).abs() <= 1 + 1e-5).all()
+    # the QuantLayer computes with exactly these integers (its fake-quant range is int8's [-128, 127])
+    torch.testing.assert_close(layer(x), layer.functional(x, ints * layer.weight_scale.view(-1, 1, 1, 1)))
+
+
+def test_thread_choice_keeps_the_result() -> None:
+    from compress.quant.adaround import ThreadChooser
+
+    before = torch.get_num_threads()
+    results = []
+    for threads in (1, None):
+        layer, x, y = _layer_setup(bits=3)
+        chooser = ThreadChooser(threads, torch.device("cpu"))
+        optimize_layer(layer, x, y, lambda t: t, AdaRoundSettings(iterations=30, batch_size=16), None,
+                       torch.Generator().manual_seed(0), threads=chooser)
+        chooser.restore()
+        results.append(layer.weight_int.clone())
+    assert torch.get_num_threads() == before
+    # the thread count changes float summation order only: (almost) the same rounding decisions
+    assert (results[0] != results[1]).float().mean() < 0.02
 
 
 def _quantized(model: nn.Module, bits: int = 4, act: int | None = 8) -> tuple[nn.Module, dict]:
