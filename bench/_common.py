@@ -38,3 +38,28 @@ def reference(arch: str = "resnet20") -> tuple[nn.Module, DataSplits, Recipe]:
 
 def test_top1(model: nn.Module, data: DataSplits) -> float:
     return float(TOP1(*predict(model, data.test)))
+
+
+def ort_quantize_static(fp32: Path, data: DataSplits, out: Path, *, unsigned_activations: bool) -> Path:
+    """The peer: ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, MinMax) on 1,024 calibration
+    images drawn like our passes draw them; uint8 activations are its CPU default, int8 TensorRT's form."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    from compress.data import calibration_subset, dataset_tensors
+
+    calib, _ = dataset_tensors(calibration_subset(data.train, 1024, 1))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i : i + 64].numpy()} for i in range(0, len(calib), 64)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(
+        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+    )  # fmt: skip
+    return out

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import ROOT, reference, test_top1  # noqa: E402  (sets sys.path)
+from _common import ROOT, ort_quantize_static, reference, test_top1  # noqa: E402  (sets sys.path)
 from compress.data import calibration_subset, dataset_tensors
 from compress.passes import get_pass
 from compress.state import ModelState, StageContext
@@ -47,30 +47,16 @@ def run_pass(model, data, pass_name: str, params: dict, seed: int) -> tuple[floa
     return test_top1(result.state.model, data), seconds, result.info
 
 
-def ort_quantize_static(model, data, workdir: Path) -> float | str:
+def ort_peer(model, data, workdir: Path) -> float | str:
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.calibrate import CalibrationMethod
+        import onnxruntime.quantization  # noqa: F401
     except ImportError as exc:
         return f"skipped: {exc}"
     from export.onnx_export import export_onnx
     from export.ort_runner import ort_session, predict
 
     fp32 = export_onnx(model, dataset_tensors(data.test)[0][:1], workdir / "fp32.onnx")
-    calib, _ = dataset_tensors(calibration_subset(data.train, CALIBRATION, CALIBRATION_SEED))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i : i + 64].numpy()} for i in range(0, len(calib), 64)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    int8 = workdir / "int8.onnx"
-    quantize_static(
-        str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-    )  # fmt: skip
+    int8 = ort_quantize_static(fp32, data, workdir / "int8.onnx", unsigned_activations=False)
     x, y = dataset_tensors(data.test)
     logits = predict(ort_session(int8), x.numpy())
     return float((logits.argmax(1) == y.numpy()).mean())
@@ -205,7 +191,7 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
         print(f"  W{bits}A8: rtn mse {pct(rtn_mse)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if 8 in args.bits:
-            peer = ort_quantize_static(model, data, Path(tmp))
+            peer = ort_peer(model, data, Path(tmp))
             rows[args.bits.index(8)][7] = f"ORT quantize_static {peer if isinstance(peer, str) else pct(peer)}"
         if 4 in args.bits:
             if aimet_status is None:

@@ -128,6 +128,12 @@ class _OnnxWriter:
             from export.fp16 import convert_to_fp16
 
             convert_to_fp16(self._fp32(), path, io_fp16=self.cfg.onnx.io_fp16)
+        elif precision in ("int8-trt", "int8-ort"):
+            from compress.atomic import atomic_write_bytes
+            from export.qdq import convert_to_int8
+
+            int8 = convert_to_int8(self._fp32(), precision)  # type: ignore[arg-type]
+            atomic_write_bytes(path, int8.SerializeToString())
         else:
             raise ValueError(f"no ONNX writer for precision {precision!r}")
 

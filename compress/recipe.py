@@ -130,8 +130,26 @@ class StageConfig(StrictModel):
 
 class OnnxConfig(StrictModel):
     opset: int = Field(17, ge=13, le=21)
-    precisions: list[Literal["fp32", "fp16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    # int8-trt: signed activations (TensorRT explicit quantization); int8-ort: unsigned activations with zero
+    # point 128, the same grid, which ONNX Runtime's CPU kernels run fastest; `int8` means the CPU one.
+    precisions: list[Literal["fp32", "fp16", "int8-trt", "int8-ort"]] = Field(
+        default_factory=lambda: ["fp32"], min_length=1
+    )
     io_fp16: bool = Field(False, description="fp16 files take and return fp16 (default: fp32 I/O, casts inside)")
+
+    @field_validator("precisions", mode="before")
+    @classmethod
+    def _int8_means_cpu_flavor(cls, precisions: Any) -> Any:
+        if isinstance(precisions, list):
+            precisions = ["int8-ort" if p == "int8" else p for p in precisions]
+        return precisions
+
+    @field_validator("precisions")
+    @classmethod
+    def _unique_precisions(cls, precisions: list[str]) -> list[str]:
+        if len(set(precisions)) != len(precisions):
+            raise ValueError(f"each precision once, got {precisions}")
+        return precisions
 
 
 class TensorRTConfig(StrictModel):
@@ -194,6 +212,13 @@ class Recipe(StrictModel):
         if metric != "top1" and not metric.startswith("python:"):
             raise ValueError(f"expected top1 or python:module:callable, got {metric!r}")
         return metric
+
+    @model_validator(mode="after")
+    def _int8_needs_quantize_stage(self) -> Recipe:
+        int8 = [p for p in (self.export.onnx.precisions if self.export else []) if p.startswith("int8")]
+        if int8 and not any(s.pass_name.startswith("quantize.") for s in self.stages):
+            raise ValueError(f"export.onnx.precisions: {int8[0]} needs a quantize stage (quantize.adaround or quantize.rtn)")
+        return self
 
     @field_validator("stages")
     @classmethod

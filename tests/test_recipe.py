@@ -35,6 +35,8 @@ def test_stage_params_are_typed(tiny_recipe: dict) -> None:
         (lambda r: r["stages"][0]["gate"].update(against="yesterday"), "stages[0].gate.against:"),
         (lambda r: r["stages"][0].update(name="a/b"), "stages[0].name:"),
         (lambda r: r.update(version=2), "version:"),
+        (lambda r: r["export"]["onnx"].update(precisions=["int8"]), "int8-ort needs a quantize stage"),
+        (lambda r: r["export"]["onnx"].update(precisions=["fp32", "fp32"]), "export.onnx.precisions: each precision once"),
     ],
 )
 def test_bad_recipes_name_the_field(tiny_recipe: dict, mutate, expected: str) -> None:
@@ -49,3 +51,9 @@ def test_bad_recipes_name_the_field(tiny_recipe: dict, mutate, expected: str) ->
 def test_top_level_must_be_mapping() -> None:
     with pytest.raises(BadInput, match="expected a mapping at the top level"):
         parse_recipe([1, 2], "r.yaml")
+
+
+def test_int8_means_the_cpu_flavor(tiny_recipe: dict) -> None:
+    tiny_recipe["stages"].append({"name": "quantize", "pass": "quantize.rtn", "params": {}})
+    tiny_recipe["export"]["onnx"]["precisions"] = ["fp32", "int8", "int8-trt"]
+    assert parse_recipe(tiny_recipe, "r.yaml").export.onnx.precisions == ["fp32", "int8-ort", "int8-trt"]

@@ -165,8 +165,14 @@ def make_plan(
     layer_bits: dict[str, int],
     skip: list[str],
     first_last_8bit: bool,
+    residual: str = "skip",
 ) -> dict[str, Any]:
-    """Decide everything (on a throwaway trace) and return it as plain data."""
+    """Decide everything (on a throwaway trace) and return it as plain data.
+
+    residual: which operands of a residual add get a quantizer: `skip` (TensorRT's placement: the operand
+    not fused into the layer) or `both` (also the layer's output, so ONNX Runtime finds DQ -> Conv -> Q
+    and DQ -> Add -> Q everywhere and runs every conv and add on integers).
+    """
     gm = trace(model)
     pairs = foldable_pairs(gm)
     _remove_bn_nodes(gm, pairs)
@@ -188,7 +194,7 @@ def make_plan(
                 chosen = value
                 break
         bits[name] = chosen
-    activations = _place_activation_quantizers(gm, set(quantized)) if activation_bits else []
+    activations = _place_activation_quantizers(gm, set(quantized), residual) if activation_bits else []
     return {
         "format": PLAN_FORMAT,
         "folded": pairs,
@@ -208,7 +214,7 @@ def _is_matmul(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("matmul", "bmm")
 
 
-def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str]) -> list[dict[str, Any]]:
+def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str], residual: str) -> list[dict[str, Any]]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     wanted: dict[fx.Node, list[list[str]]] = {}  # source tensor -> [(consumer, the arg it replaces)]
 
@@ -236,7 +242,7 @@ def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str]) -> lis
                 continue  # neither side can fuse the add: leave it float
             fused = max(from_layer, key=lambda a: order[_resolve_identity(gm, a)])
             for operand in operands:
-                if operand is not fused:
+                if operand is not fused or residual == "both":
                     want(node, operand)
     return [
         {"key": f"q_{source.name}", "source": source.name, "consumers": consumers}

@@ -1,0 +1,182 @@
+"""int8 ONNX files from the Q/DQ graph a quantized torch model exports to.
+
+The torch export of a quantized stage carries every weight as a float initializer going through
+QuantizeLinear -> DequantizeLinear (the fake quantization) and every quantized activation as a Q/DQ pair
+with a signed zero point 0. That graph is exact but stores weights in fp32. This module rewrites it into
+the files that ship, from the same integers:
+
+- ``int8-trt``: each weight becomes an int8 initializer feeding its DequantizeLinear directly (per-channel
+  scale, axis unchanged); activations stay signed int8 with zero point 0, as TensorRT's explicit
+  quantization requires.
+- ``int8-ort``: the same weights; activations use uint8 with zero point 128. round(x/s) clamped to
+  [-128, 127] plus 128 is round(x/s) + 128 clamped to [0, 255], so the dequantized values are identical,
+  but ONNX Runtime's x86 kernels (QLinearConv, u8 x s8) run this encoding several times faster than s8 x s8.
+
+Weights below 8 bits keep their narrow values in int8 containers. Imports no torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from export.errors import ExportError
+
+Flavor = Literal["int8-trt", "int8-ort"]
+FLAVORS: tuple[Flavor, ...] = ("int8-trt", "int8-ort")
+_UINT8_ZERO = "qdq_activation_zero_point_u8"
+_UINT8_ZERO_RELU = "qdq_activation_zero_point_u8_relu"
+# ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 (VPMADDUBSW), which
+# saturates once 2 * 255 * |w| > 32767: weights up to 64 in magnitude are safe.
+U8S8_SAFE_WEIGHT = 64
+
+
+def convert_to_int8(source: str | Path | onnx.ModelProto, flavor: Flavor) -> onnx.ModelProto:
+    """The ``flavor`` int8 model of a fake-quantized Q/DQ export (see the module docstring)."""
+    if flavor not in FLAVORS:
+        raise ExportError(f"unknown int8 flavor {flavor!r}; expected one of {', '.join(FLAVORS)}")
+    proto = onnx.load(str(source)) if not isinstance(source, onnx.ModelProto) else _copy(source)
+    graph = proto.graph
+    _constants_to_initializers(graph)
+    inits = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    weights = 0
+    activations = 0
+    removed: list[onnx.NodeProto] = []
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        if node.input[0] in inits:
+            _fold_weight_quantizer(graph, node, inits, consumers, unsigned_wide=flavor == "int8-ort")
+            removed.append(node)
+            weights += 1
+        else:
+            if flavor == "int8-ort":
+                _to_unsigned(node, inits, consumers, after_relu=producers.get(node.input[0]) == "Relu")
+            activations += 1
+    if weights == 0:
+        raise ExportError("the model has no quantized weights: int8 export needs a quantize stage before it")
+    for node in removed:
+        graph.node.remove(node)
+    _drop_unused_initializers(graph)
+    if flavor == "int8-ort" and activations:
+        graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), _UINT8_ZERO))
+        graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), _UINT8_ZERO_RELU))
+        _drop_unused_initializers(graph)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"int8 rewrite produced an invalid model: {str(exc).splitlines()[0]}") from exc
+    return proto
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(proto)
+    return clone
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes (the exporter writes zero points as Constants) become initializers, so each
+    quantization parameter is looked up one way."""
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def _fold_weight_quantizer(
+    graph: onnx.GraphProto,
+    quant: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    *,
+    unsigned_wide: bool,
+) -> None:
+    """Store QuantizeLinear(W) as its int8 result, computed as ONNX does: W / scale, round half to even,
+    plus the zero point, saturated."""
+    weight = numpy_helper.to_array(inits[quant.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[quant.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(inits[quant.input[2]]) if len(quant.input) > 2 and quant.input[2] else None
+    if zero is not None and zero.dtype != np.int8:
+        raise ExportError(f"{quant.name}: weight zero point is {zero.dtype}, expected int8")
+    axis = _attr(quant, "axis", 1)
+    shape = [1] * weight.ndim
+    if scale.ndim == 1 and scale.size > 1:
+        shape[axis % weight.ndim] = scale.size
+    q = np.rint(weight / scale.reshape(shape))
+    if zero is not None:
+        q = q + zero.astype(np.float32).reshape(shape)
+    integers = np.clip(q, -128, 127).astype(np.int8)
+    name = f"{quant.input[0]}_int8"
+    zero_name = None
+    if unsigned_wide and np.abs(integers.astype(np.int16)).max() > U8S8_SAFE_WEIGHT:
+        integers = (integers.astype(np.int16) + 128).astype(np.uint8)
+        name = f"{quant.input[0]}_uint8"
+        zero_name = f"{name}_zero_point"
+        count = scale.size if scale.ndim == 1 else 1
+        zeros = np.full(count, 128, dtype=np.uint8) if scale.ndim == 1 else np.array(128, dtype=np.uint8)
+        graph.initializer.append(numpy_helper.from_array(zeros, zero_name))
+    graph.initializer.append(numpy_helper.from_array(integers, name))
+    for user in consumers.get(quant.output[0], []):
+        if user.op_type != "DequantizeLinear":
+            raise ExportError(f"{quant.name}: weight QuantizeLinear feeds {user.op_type}, expected DequantizeLinear")
+        user.input[0] = name
+        if zero_name is not None:
+            user.input[2] = zero_name
+
+
+def _to_unsigned(
+    quant: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    after_relu: bool,
+) -> None:
+    zero = numpy_helper.to_array(inits[quant.input[2]]) if len(quant.input) > 2 and quant.input[2] else None
+    if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
+        raise ExportError(f"{quant.name}: expected a signed int8 activation quantizer with zero point 0")
+    name = _UINT8_ZERO_RELU if after_relu else _UINT8_ZERO
+    quant.input[2] = name
+    for user in consumers.get(quant.output[0], []):
+        if user.op_type != "DequantizeLinear":
+            raise ExportError(f"{quant.name}: activation QuantizeLinear feeds {user.op_type}, expected DequantizeLinear")
+        user.input[2] = name
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def int8_tensor_summary(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many bytes the model's initializers take per element type (the size report's breakdown)."""
+    sizes: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        key = TensorProto.DataType.Name(tensor.data_type).lower()
+        sizes[key] = sizes.get(key, 0) + numpy_helper.to_array(tensor).nbytes
+    return sizes
+
+
+__all__ = ["FLAVORS", "Flavor", "convert_to_int8", "int8_tensor_summary"]

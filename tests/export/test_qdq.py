@@ -1,0 +1,127 @@
+"""int8-trt / int8-ort files from a quantized model's Q/DQ export: integer weights, encodings, parity."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from compress.models.resnet_cifar import resnet8
+from compress.quant import build, make_plan
+from compress.quant.adaround import set_rtn
+from compress.quant.calibrate import calibrate_activations
+from compress.quant.graph import act_quantizers, quant_layers
+from compress.quant.grid import weight_scales
+from export.errors import ExportError
+from export.lint import lint_onnx
+from export.onnx_export import export_onnx
+from export.ort_runner import ort_session, parity, predict
+from export.qdq import U8S8_SAFE_WEIGHT, convert_to_int8
+
+
+def _quantized_resnet8(bits: int, residual: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = resnet8(in_channels=1, num_classes=10, width=16).eval()
+    plan = make_plan(model, weight_bits=bits, activation_bits=8, layer_bits={}, skip=[], first_last_8bit=False,
+                     residual=residual)
+    q = build(model, plan)
+    for layer in quant_layers(q).values():
+        layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, "minmax"))
+        set_rtn(layer, None)
+    calibrate_activations(q, torch.rand(64, 1, 16, 16), "minmax")
+    for layer in quant_layers(q).values():
+        layer.drop_float_weight()
+    return q.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("qdq")
+    q = _quantized_resnet8(8, "both")
+    torch.manual_seed(1)
+    float_model = resnet8(in_channels=1, num_classes=10, width=16).eval()
+    paths = {
+        "float": export_onnx(float_model, torch.rand(1, 1, 16, 16), base / "float.onnx"),
+        "fake": export_onnx(q, torch.rand(1, 1, 16, 16), base / "fake.onnx"),
+    }
+    for flavor in ("int8-trt", "int8-ort"):
+        paths[flavor] = base / f"{flavor}.onnx"
+        onnx.save(convert_to_int8(paths["fake"], flavor), str(paths[flavor]))
+    paths["n_act"] = len(act_quantizers(q))  # type: ignore[assignment]
+    paths["n_layers"] = len(quant_layers(q))  # type: ignore[assignment]
+    return paths
+
+
+def _unoptimized(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_weights_are_integer_initializers_feeding_dequantize(files: dict) -> None:
+    for flavor in ("int8-trt", "int8-ort"):
+        graph = onnx.load(str(files[flavor])).graph
+        inits = {t.name: t for t in graph.initializer}
+        quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+        assert len(quantize) == files["n_act"], flavor  # only activations are quantized at run time
+        assert not any(n.input[0] in inits for n in quantize)
+        weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+        assert len(weight_dq) == files["n_layers"]
+        assert all(inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.UINT8) for n in weight_dq)
+        assert not any(t.data_type == TensorProto.FLOAT and len(t.dims) == 4 for t in graph.initializer)
+
+
+def test_int8_files_are_a_quarter_of_fp32(files: dict) -> None:
+    fp32 = files["float"].stat().st_size
+    for flavor in ("int8-trt", "int8-ort"):
+        assert files[flavor].stat().st_size <= 0.3 * fp32, flavor
+
+
+def test_trt_flavor_is_exactly_the_fake_quant_graph_and_lints_clean(files: dict) -> None:
+    x = np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)
+    expected = predict(_unoptimized(files["fake"]), x)
+    got = predict(_unoptimized(files["int8-trt"]), x)
+    assert np.array_equal(got, expected)
+    assert lint_onnx(files["int8-trt"]) == []
+
+
+def test_ort_flavor_encodings_and_parity(files: dict) -> None:
+    graph = onnx.load(str(files["int8-ort"])).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    for node in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+        zero = inits[node.input[2]]
+        assert zero.dtype == np.uint8
+        # after a ReLU the zero point is 0 (ONNX Runtime folds the ReLU into the integer op), else 128
+        assert int(zero) == (0 if producers.get(node.input[0]) == "Relu" else 128), node.name
+    # weights that could saturate x86 u8 x s8 kernels are stored unsigned, the same grid shifted by 128
+    wide = [n for n, v in inits.items() if v.dtype == np.uint8 and v.ndim == 4]
+    assert wide, "8-bit weights of a random net reach past the u8s8-safe range"
+    trt_inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(files["int8-trt"])).graph.initializer}
+    for name in wide:
+        signed = trt_inits[name.replace("_uint8", "_int8")]
+        assert np.abs(signed.astype(int)).max() > U8S8_SAFE_WEIGHT
+        assert np.array_equal(inits[name].astype(int) - 128, signed.astype(int))
+    x = np.random.default_rng(0).random((64, 1, 16, 16), dtype=np.float32)
+    reference = predict(_unoptimized(files["int8-trt"]), x)
+    for session in (_unoptimized(files["int8-ort"]), ort_session(files["int8-ort"])):
+        match = parity(reference, predict(session, x))
+        assert match["top1_agreement"] >= 0.95 and match["mean_abs_diff"] < 0.1, match
+
+
+def test_float_model_has_nothing_to_convert(files: dict) -> None:
+    with pytest.raises(ExportError, match="no quantized weights"):
+        convert_to_int8(files["float"], "int8-trt")
+    with pytest.raises(ExportError, match="unknown int8 flavor"):
+        convert_to_int8(files["fake"], "int4")  # type: ignore[arg-type]
+
+
+def test_residual_both_quantizes_the_layer_side_of_each_add() -> None:
+    skip = _quantized_resnet8(4, "skip")
+    both = _quantized_resnet8(4, "both")
+    blocks = 3  # resnet8: one block per stage
+    assert len(act_quantizers(both)) == len(act_quantizers(skip)) + blocks
