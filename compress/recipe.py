@@ -130,8 +130,8 @@ class StageConfig(StrictModel):
 
 class OnnxConfig(StrictModel):
     opset: int = Field(17, ge=13, le=21)
-    # int8-trt: signed activations (TensorRT explicit quantization); int8-ort: unsigned activations with zero
-    # point 128, the same grid, which ONNX Runtime's CPU kernels run fastest; `int8` means the CPU one.
+    # int8-trt: signed activations (TensorRT explicit quantization); int8-ort: the same integers in the
+    # unsigned encoding ONNX Runtime's CPU kernels run fastest (export/qdq.py); `int8` means the CPU one.
     precisions: list[Literal["fp32", "fp16", "int8-trt", "int8-ort"]] = Field(
         default_factory=lambda: ["fp32"], min_length=1
     )

@@ -8,9 +8,13 @@ the files that ship, from the same integers:
 - ``int8-trt``: each weight becomes an int8 initializer feeding its DequantizeLinear directly (per-channel
   scale, axis unchanged); activations stay signed int8 with zero point 0, as TensorRT's explicit
   quantization requires.
-- ``int8-ort``: the same weights; activations use uint8 with zero point 128. round(x/s) clamped to
-  [-128, 127] plus 128 is round(x/s) + 128 clamped to [0, 255], so the dequantized values are identical,
-  but ONNX Runtime's x86 kernels (QLinearConv, u8 x s8) run this encoding several times faster than s8 x s8.
+- ``int8-ort``: the encoding ONNX Runtime's x86 kernels run fastest. Activations are uint8: zero point 128
+  (round(x/s) + 128 clamped to [0, 255] is the signed grid shifted, dequantizing to the same values), and
+  zero point 0 where the tensor comes out of a ReLU, so that ONNX Runtime folds the ReLU into the integer
+  op before it (DQ -> Conv -> Q becomes QLinearConv); there the unsigned grid saturates at 255 * s rather
+  than 127 * s, the only difference from int8-trt. Weights stay int8 unless their integers exceed +-64:
+  x86 u8 x s8 kernels without VNNI add products pairwise in int16 and would saturate, so those are stored
+  as uint8 with zero point 128 (the same grid shifted; ONNX Runtime then uses its exact u8 x u8 kernel).
 
 Weights below 8 bits keep their narrow values in int8 containers. Imports no torch.
 """
@@ -21,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 from export.errors import ExportError
 
@@ -170,13 +174,4 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(keep)
 
 
-def int8_tensor_summary(proto: onnx.ModelProto) -> dict[str, int]:
-    """How many bytes the model's initializers take per element type (the size report's breakdown)."""
-    sizes: dict[str, int] = {}
-    for tensor in proto.graph.initializer:
-        key = TensorProto.DataType.Name(tensor.data_type).lower()
-        sizes[key] = sizes.get(key, 0) + numpy_helper.to_array(tensor).nbytes
-    return sizes
-
-
-__all__ = ["FLAVORS", "Flavor", "convert_to_int8", "int8_tensor_summary"]
+__all__ = ["FLAVORS", "Flavor", "convert_to_int8"]
