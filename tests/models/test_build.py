@@ -24,7 +24,7 @@ def test_builtin_takes_sizes_from_data_unless_kwargs_say_otherwise():
 
 
 def test_builtin_errors():
-    with pytest.raises(BadInput, match=r"^model.arch: unknown builtin 'resnet21' \(known: mobilenet, resnet20, resnet32, resnet8\)$"):
+    with pytest.raises(BadInput, match=r"^model.arch: unknown builtin 'resnet21' \(known: mobilenet, resnet20, resnet32, resnet8, transformer\)$"):
         build("builtin:resnet21")
     with pytest.raises(BadInput, match="^model.kwargs: builtin:resnet8: .*unexpected keyword argument 'depth'"):
         build("builtin:resnet8", depth=3)

@@ -6,7 +6,7 @@ from compress.models.registry import register_builtin
 
 
 def test_builtins_are_registered():
-    assert builtin_names() == ["mobilenet", "resnet20", "resnet32", "resnet8"]
+    assert builtin_names() == ["mobilenet", "resnet20", "resnet32", "resnet8", "transformer"]
     for name in builtin_names():
         assert isinstance(get_builtin(name)(num_classes=3), nn.Module)
 
