@@ -187,7 +187,7 @@ def test_swin_v2_is_refused_with_its_path() -> None:
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     model = SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[1], num_heads=[2], window_size=[4, 4],
+        patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
         block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2, num_classes=4,
     )
     convert_attention(model)
