@@ -132,7 +132,8 @@ class _OnnxWriter:
             from compress.atomic import atomic_write_bytes
             from export.qdq import convert_to_int8
 
-            int8 = convert_to_int8(self._fp32(), precision)  # type: ignore[arg-type]
+            safe = self.cfg.onnx.int8_ort_weights == "safe"
+            int8 = convert_to_int8(self._fp32(), precision, saturation_safe=safe)  # type: ignore[arg-type]
             atomic_write_bytes(path, int8.SerializeToString())
         else:
             raise ValueError(f"no ONNX writer for precision {precision!r}")

@@ -136,6 +136,11 @@ class OnnxConfig(StrictModel):
         default_factory=lambda: ["fp32"], min_length=1
     )
     io_fp16: bool = Field(False, description="fp16 files take and return fp16 (default: fp32 I/O, casts inside)")
+    int8_ort_weights: Literal["safe", "signed"] = Field(
+        "safe",
+        description="int8-ort: 8-bit weights past +-64 stored unsigned so x86 CPUs without VNNI cannot saturate "
+        "(exact everywhere), or all signed (faster there, exact only with VNNI or on ARM)",
+    )
 
     @field_validator("precisions", mode="before")
     @classmethod

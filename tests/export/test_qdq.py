@@ -125,3 +125,10 @@ def test_residual_both_quantizes_the_layer_side_of_each_add() -> None:
     both = _quantized_resnet8(4, "both")
     blocks = 3  # resnet8: one block per stage
     assert len(act_quantizers(both)) == len(act_quantizers(skip)) + blocks
+
+
+def test_signed_weights_when_saturation_safety_is_off(files: dict) -> None:
+    graph = convert_to_int8(files["fake"], "int8-ort", saturation_safe=False).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 4]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w.astype(int)).max()) for w in weights) > U8S8_SAFE_WEIGHT
