@@ -170,8 +170,32 @@ def build(zoo: ZooModel, settings: Settings, data: DataSplits | None = None) -> 
         input_size=zoo.size,
     ).eval()
     if data is not None:
-        principal_head(model, data.train.tensors[0])
+        inputs = data.train.tensors[0]
+        batchnorm_statistics(model, inputs)
+        principal_head(model, inputs)
     return model
+
+
+@torch.no_grad()
+def batchnorm_statistics(model: nn.Module, inputs: torch.Tensor) -> None:
+    """BatchNorm running statistics measured on `inputs` (as a trained model has them), in place of the
+    initial mean 0 / variance 1: with those, activations of some random networks vanish layer by layer
+    (EfficientNet-B0 at 32 px ends near 1e-14), which no int8 grid can represent."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    try:
+        for start in range(0, len(inputs), 16):
+            model(inputs[start : start + 16])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 @torch.no_grad()
@@ -200,7 +224,10 @@ def principal_head(model: nn.Module, inputs: torch.Tensor) -> None:
     _, singular, directions = torch.linalg.svd(features - mean, full_matrices=False)
     rows = min(output.weight.shape[0], directions.shape[0])
     weight = torch.zeros(output.weight.shape[:2], dtype=torch.float64)
-    weight[:rows] = directions[:rows] * (len(features) ** 0.5 / singular[0].clamp(min=1e-12))
+    # the spread counted as at least 1e-3 of the features' size: where a random network's features barely
+    # vary (they collapse), the logits stay small rather than float32 noise blown up
+    spread = max(float(singular[0]) / len(features) ** 0.5, 1e-3 * float(features.pow(2).mean().sqrt()), 1e-12)
+    weight[:rows] = directions[:rows] / spread
     output.weight.copy_(weight.view_as(output.weight).float())
     if output.bias is not None:
         output.bias.copy_((-weight @ mean).float())
