@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tasks", default="a,b", help="which of (a) recovery, (b) student to run")
     parser.add_argument("--trainers", default=",".join(TRAINERS))
+    parser.add_argument("--delta", type=float, default=None, help="DOT's delta (default: the pass default)")
     args = parser.parse_args()
     trainers = [t for t in args.trainers.split(",") if t]
     if not set(trainers) <= set(TRAINERS):
@@ -94,13 +95,14 @@ def main() -> None:
     ]
     tasks = [task for task in tasks if task[0][1] in args.tasks.split(",")]
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    delta = {} if args.delta is None else {"delta": args.delta}
     started = time.perf_counter()
     for name, make, epochs in tasks:
         # trainers interleaved within each seed, so load from other processes falls on all of them alike
         for seed in range(args.seeds):
             for trainer in trainers:
                 model, model_masks = make(seed)
-                cfg = DistillDotConfig(epochs=epochs, trainer=trainer, shift=2)
+                cfg = DistillDotConfig(epochs=epochs, trainer=trainer, shift=2, **delta)
                 run = distill(model, teacher, data.train, cfg, batch_size=args.batch_size, seed=seed, masks=model_masks)
                 accuracy = test_top1(model, data)
                 if model_masks:
@@ -110,7 +112,7 @@ def main() -> None:
                 print(f"  {name} | {trainer} | seed {seed}: {accuracy:.4f} ({per_epoch:.1f} s/epoch)", flush=True)
 
     print(f"\nmnist5k test split (1,000 images), batch {args.batch_size}, lr 0.05 cosine, T=4, w_ce 0.1, w_kd 0.9, mu 0.9, "
-          f"delta 0.075, wd 5e-4, +-2 px shifts; {args.seeds} seeds; torch threads {args.threads}")  # fmt: skip
+          f"delta {DistillDotConfig(**delta).delta}, wd 5e-4, +-2 px shifts; {args.seeds} seeds; torch threads {args.threads}")  # fmt: skip
     print("| task | trainer | test top-1 mean | std | per seed | s/epoch |")
     print("|---|---|---|---|---|---|")
     for name, _, _ in tasks:
