@@ -31,7 +31,7 @@ from compress.passes.registry import check_stages
 from compress.progress import RunProgress
 from compress.recipe import Recipe, load_recipe, stable_hash
 from compress.reference import obtain_reference
-from compress.search import check_searchable
+from compress.search import check_searchable, search_changed
 from compress.resources import check_memory_budget
 from compress.report import print_summary, write_reports
 from compress.sparsity import sparsity_stats
@@ -286,8 +286,8 @@ class Runner:
                 state, entry = loaded
                 entry["resumed"] = True
                 progress.log(f"{stage.name}: finished earlier, loaded from {store.checkpoint}")
-                if stage.gate.on_fail == "search" and not judge(entry["metric"])["passed"]:
-                    loaded = None  # a tightened gate: search again (its recorded trials are reused)
+                if stage.gate.on_fail == "search" and search_changed(entry, stage.gate, judge):
+                    loaded = None  # a tightened gate or a new budget: search on (its recorded trials are reused)
                     state, entry = self._search_stage(index, stage, config, stage_input, key, judge, progress)
             elif stage.gate.on_fail == "search":
                 state, entry = self._search_stage(index, stage, config, state, key, judge, progress)

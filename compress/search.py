@@ -56,6 +56,14 @@ def check_searchable(pass_name: str, config: Any, where: str) -> None:
             raise BadInput(f"{where}.gate.on_fail: search needs params.sparsity to back off")
 
 
+def search_changed(entry: dict[str, Any], gate: Any, judge: Judge) -> bool:
+    """A finished stage is searched on when its gate now fails it, or its search ran under another budget."""
+    if not judge(entry["metric"])["passed"]:
+        return True
+    budget = (gate.search or SearchConfig()).model_dump(mode="json")
+    return "search" in entry and entry["search"].get("budget") != budget
+
+
 def deployed_size(entry: dict[str, Any]) -> int:
     """Quantized: weights packed at their bits (+ the rest); otherwise nonzero parameters at 4 bytes."""
     if "size_bytes_packed" in entry:

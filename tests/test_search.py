@@ -113,6 +113,14 @@ def test_search_killed_mid_way_resumes_without_repeating_a_trial(
     again = run_recipe(recipe, RunOptions(out=out, quiet=True))
     assert ran == [] and again["stages"][0]["resumed"] is True
 
+    # a larger budget continues the finished search from its trials: only the new trial runs
+    bigger = yaml.safe_load(recipe.read_text())
+    bigger["stages"][0]["gate"]["search"]["trials"] = 6
+    recipe.with_name("bigger.yaml").write_text(yaml.safe_dump(bigger, sort_keys=False))
+    more = run_recipe(recipe.with_name("bigger.yaml"), RunOptions(out=out, quiet=True))
+    assert len(ran) == 1 and more["stages"][0]["search"]["trials_replayed"] == 5
+    assert len(more["stages"][0]["search"]["trials"]) == 6
+
 
 @pytest.mark.slow
 def test_no_passing_trial_saves_the_best_failing_one_and_exits_3(
