@@ -279,7 +279,9 @@ class Runner:
             stage_section = {k: v for k, v in resolved_stages[index].items() if k != "gate"}
             key = stable_hash({"previous": previous_key, "stage": stage_section, "seed": self.recipe.seed})
             store = StageStore(self.out / "stages" / stage_dir_name(index, stage.name))
-            loaded = store.load_if_complete(key, state.model) if self.options.resume else None
+            # loading fills the template in place: a search stage keeps its input intact to search on from it
+            template = copy.deepcopy(state.model) if stage.gate.on_fail == "search" else state.model
+            loaded = store.load_if_complete(key, template) if self.options.resume else None
             judge = lambda m, g=stage.gate, p=previous_metric: check_gate(g, m, baseline=baseline_metric, previous=p)  # noqa: E731
             if loaded is not None:
                 stage_input = state
