@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compress.attention import HeadAttention, UnsupportedLayer, attention_modules
+from compress.errors import BadInput
 from compress.sparsity import PRUNABLE_TYPES
 
 
@@ -46,8 +47,6 @@ class ChannelPruner:
         classifier: str | None,
         round_to: int | None,
     ) -> None:
-        import torch_pruning as tp
-
         ignored = [
             module
             for name, module in model.named_modules()
@@ -61,27 +60,17 @@ class ChannelPruner:
         model.eval()  # tracing a batch of one through BatchNorm in train mode can fail
         for attention in self.attention.values():
             attention.hide_bias = True
-        with torch.enable_grad(), warnings.catch_warnings():  # the graph is built from autograd's record
-            warnings.filterwarnings("ignore", message="Unwrapped parameters", category=UserWarning)
-            ignored += _output_layer(model, example) + _normalized_residual_layers(model, example, ignored)
-            self.pruner = tp.pruner.BasePruner(
-                model,
-                example,
-                importance=tp.importance.GroupMagnitudeImportance(p=2),
-                pruning_ratio=cumulative[-1],
-                global_pruning=global_ranking,
-                iterative_steps=len(ratios),
-                iterative_pruning_ratio_scheduler=lambda _ratio, _steps: cumulative,
-                ignored_layers=ignored,
-                round_to=round_to,
-                num_heads=num_heads,
-                prune_num_heads=bool(num_heads),
-                prune_head_dims=False,
-                head_pruning_ratio=cumulative[-1] if num_heads else 0.0,
-            )
-        for attention in self.attention.values():
-            attention.hide_bias = False
-        model.train(was_training)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():  # the graph is built from autograd's record
+                warnings.filterwarnings("ignore", message="Unwrapped parameters", category=UserWarning)
+                ignored += _output_layer(model, example) + _normalized_residual_layers(model, example, ignored)
+                self.pruner = _base_pruner(model, example, cumulative, global_ranking, ignored, round_to, num_heads)
+        except Exception as exc:
+            raise _graph_error(model, example, exc) from None
+        finally:
+            for attention in self.attention.values():
+                attention.hide_bias = False
+            model.train(was_training)
         self.model = model
 
     def step(self) -> None:
@@ -105,6 +94,82 @@ class ChannelPruner:
                     attention.path, type(attention).__name__,
                     f"head pruning left {attention.qkv.out_features} qkv features for {expected} heads of {attention.head_dim}",
                 )
+
+
+def _base_pruner(
+    model: nn.Module,
+    example: torch.Tensor,
+    cumulative: list[float],
+    global_ranking: bool,
+    ignored: list[nn.Module],
+    round_to: int | None,
+    num_heads: dict[nn.Module, int],
+) -> Any:
+    import torch_pruning as tp
+
+    return tp.pruner.BasePruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=cumulative[-1],
+        global_pruning=global_ranking,
+        iterative_steps=len(cumulative) - 1,
+        iterative_pruning_ratio_scheduler=lambda _ratio, _steps: cumulative,
+        ignored_layers=ignored,
+        round_to=round_to,
+        num_heads=num_heads,
+        prune_num_heads=bool(num_heads),
+        prune_head_dims=False,
+        head_pruning_ratio=cumulative[-1] if num_heads else 0.0,
+    )
+
+
+def _graph_error(model: nn.Module, example: torch.Tensor, exc: Exception) -> BadInput:
+    """Torch-Pruning could not build its dependency graph: name the module that regroups channels (a
+    channel shuffle, which it cannot map indices through) when there is one."""
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    where = _channel_regrouping_module(model, example)
+    if where is not None:
+        return UnsupportedLayer(
+            where[0], where[1],
+            "granularity channels: Torch-Pruning cannot follow channel indices through its channel shuffle "
+            f"(a view of the channel axis into groups) [{reason}]; prune it unstructured, or ignore its layers",
+        )
+    return BadInput(f"granularity channels: Torch-Pruning could not build the model's dependency graph ({reason})")
+
+
+def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
+    """(path, type) of the innermost module whose forward views a feature map's channel axis into
+    groups, [B, C, H, W] -> [B, g, C/g, H, W] (ShuffleNet's channel_shuffle)."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[tuple[str, str]] = []
+    found: list[tuple[str, str]] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            name = getattr(func, "__name__", "")
+            if not found and stack and name in ("view", "reshape") and isinstance(args[0], torch.Tensor):
+                src = args[0]
+                if src.dim() == 4 and isinstance(out, torch.Tensor) and out.dim() == 5 and out.shape[-2:] == src.shape[-2:]:
+                    found.append(stack[-1])
+            return out
+
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(lambda m, _a: stack.append((names[m], type(m).__name__))))
+        handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+    try:
+        with torch.no_grad(), Watch():
+            model(example)
+    except Exception:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _output_layer(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:

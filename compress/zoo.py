@@ -290,7 +290,7 @@ def run_zoo_model(
         except Exception as exc:  # recorded, not raised: the table shows every model's every step
             record.status = "fail"
             record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            record.info["traceback"] = traceback.format_exc(limit=-4)
+            record.info["traceback"] = traceback.format_exc(limit=-6)
             if stop_on_error:
                 raise
         finally:
