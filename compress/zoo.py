@@ -98,8 +98,8 @@ TINY: tuple[ZooModel, ...] = (
 class Settings:
     """Small on purpose: the matrix checks that everything runs and agrees, not accuracy."""
 
-    train_samples: int = 32
-    val_samples: int = 16  # what the passes' own evaluations use
+    train_samples: int = 16
+    val_samples: int = 8  # what the passes' own evaluations use
     parity_samples: int = 200  # random inputs the int8 ONNX and the torch quantized model are compared on
     num_classes: int = 10
     batch_size: int = 16
@@ -110,8 +110,8 @@ class Settings:
     # products in int16, which saturates with full-range 8-bit weights (ORT's reduce_range advice); the
     # graph itself matches torch exactly at any width (ORT with graph optimizations off)
     weight_bits: int = 7
-    iterations: int = 4
-    calibration_samples: int = 16
+    iterations: int = 2
+    calibration_samples: int = 8
     latency_runs: int = 5
     seed: int = 0
 
