@@ -13,6 +13,7 @@ from torch import nn
 
 from compress.atomic import atomic_write_json
 from compress.faults import pause_point
+from compress.gate import METRIC_TOLERANCE
 from compress.data import DataSplits, dataset_tensors
 from compress.metrics import MetricFn
 from compress.progress import RunProgress
@@ -64,7 +65,7 @@ def export_and_verify(
             advance(1)
             drop = torch_metric - onnx_metric
             max_drop = cfg.verify.max_drop
-            drop_ok = max_drop is None or drop <= max_drop + 1e-12
+            drop_ok = max_drop is None or drop <= max_drop + METRIC_TOLERANCE
             reasons = [] if drop_ok else [f"drop {drop:.4f} > verify.max_drop {max_drop:.4f}"]
             if lint["gates"] and lint["findings"]:
                 first = lint["findings"][0]

@@ -20,3 +20,14 @@ def test_min_metric_floor() -> None:
 
 def test_no_limits_always_passes() -> None:
     assert check_gate(GateConfig(), 0.1, baseline=0.99, previous=0.99)["passed"]
+
+
+def test_a_drop_of_exactly_max_drop_passes_despite_float32_metrics() -> None:
+    import torch
+
+    baseline = float((torch.arange(500) < 492).float().mean())  # 492/500 as a float32 mean
+    metric = float((torch.arange(500) < 487).float().mean())  # 487/500: exactly one point lower
+    assert baseline - metric > 0.01  # the float32 rounding that used to fail the gate
+    assert check_gate(GateConfig(max_drop=0.01), metric, baseline=baseline, previous=baseline)["passed"]
+    one_more = float((torch.arange(500) < 486).float().mean())
+    assert not check_gate(GateConfig(max_drop=0.01), one_more, baseline=baseline, previous=baseline)["passed"]
