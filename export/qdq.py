@@ -16,7 +16,7 @@ the files that ship, from the same integers:
   x86 u8 x s8 kernels without VNNI add products pairwise in int16 and would saturate, so those are stored
   as uint8 with zero point 128 (the same grid shifted; ONNX Runtime then uses its exact u8 x u8 kernel).
 
-Weights below 8 bits keep their narrow values in int8 containers. Imports no torch.
+Weights below 8 bits ship as their small integers in int8 containers (no int4 packing). Imports no torch.
 """
 from __future__ import annotations
 
