@@ -157,10 +157,17 @@ def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple
             return out
 
     names = {m: n for n, m in model.named_modules()}
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        stack.append((names[module], type(module).__name__))
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:  # None: the output stays as it is
+        stack.pop()
+
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(lambda m, _a: stack.append((names[m], type(m).__name__))))
-        handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop()))
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad(), Watch():
             model(example)
