@@ -15,6 +15,7 @@ the module and the reason.
     python bench/zoo.py                     # all twelve (about 10-15 minutes on 2 busy cores)
     python bench/zoo.py vit_b_16 swin_t     # some of them
     python bench/zoo.py --json out.json     # also write every step's details
+    python bench/zoo.py --seconds 600       # start no new model after 10 minutes (the table shows what ran)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: all)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--seconds", type=float, default=None, help="start no new model after this long")
     args = parser.parse_args()
     known = {z.name: z for z in ZOO}
     unknown = [m for m in args.models if m not in known]
@@ -46,6 +48,9 @@ def main() -> int:
     results = []
     started = time.perf_counter()
     for zoo in chosen:
+        if args.seconds is not None and time.perf_counter() - started > args.seconds:
+            print(f"time budget spent: not run: {', '.join(z.name for z in chosen[len(results):])}")
+            break
         result = run_zoo_model(zoo, settings)
         results.append(result)
         steps = " ".join(f"{name}={step.status}" for name, step in result.steps.items())
