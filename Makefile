@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The versions this project is tested with (they lie on this machine's disk; pyproject.toml stays loose).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

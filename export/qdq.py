@@ -58,6 +58,7 @@ def convert_to_int8(
     weights = 0
     activations = 0
     removed: list[onnx.NodeProto] = []
+    _bypass_identities_of_initializers(graph, inits)
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear":
             continue
@@ -102,6 +103,22 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
         graph.node.remove(node)
+
+
+def _bypass_identities_of_initializers(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> None:
+    """The exporter deduplicates identical weights (layers deep-copied from one, all-zero pruned layers) and
+    feeds the copies through Identity nodes; read the initializer directly so each is folded as a weight."""
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    if not aliases:
+        return
+    graph_outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in aliases:
+                node.input[i] = aliases[name]
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in aliases]:
+        if node.output[0] not in graph_outputs:
+            graph.node.remove(node)
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:

@@ -132,3 +132,17 @@ def test_signed_weights_when_saturation_safety_is_off(files: dict) -> None:
     weights = [numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 4]
     assert weights and all(w.dtype == np.int8 for w in weights)
     assert max(int(np.abs(w.astype(int)).max()) for w in weights) > U8S8_SAFE_WEIGHT
+
+
+def test_weights_reached_through_identity_are_folded(files: dict) -> None:
+    # torch's exporter shares identical weights and feeds the copies through Identity nodes
+    proto = onnx.load(str(files["fake"]))
+    inits = {t.name for t in proto.graph.initializer}
+    quant = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits)
+    alias = onnx.helper.make_node("Identity", [quant.input[0]], ["shared_weight_copy"], name="dedup")
+    proto.graph.node.insert(0, alias)
+    quant.input[0] = "shared_weight_copy"
+    for flavor in ("int8-trt", "int8-ort"):
+        graph = convert_to_int8(proto, flavor).graph
+        assert not [n for n in graph.node if n.op_type == "Identity"]
+        assert len([n for n in graph.node if n.op_type == "QuantizeLinear"]) == files["n_act"], flavor
