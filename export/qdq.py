@@ -53,12 +53,12 @@ def convert_to_int8(
     graph = proto.graph
     _constants_to_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
+    _bypass_identities_of_initializers(graph, inits)
     consumers = _consumers(graph)
     producers = {out: node.op_type for node in graph.node for out in node.output}
     weights = 0
     activations = 0
     removed: list[onnx.NodeProto] = []
-    _bypass_identities_of_initializers(graph, inits)
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear":
             continue
@@ -74,11 +74,10 @@ def convert_to_int8(
         raise ExportError("the model has no quantized weights: int8 export needs a quantize stage before it")
     for node in removed:
         graph.node.remove(node)
-    _drop_unused_initializers(graph)
     if flavor == "int8-ort" and activations:
         graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), _UINT8_ZERO))
         graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), _UINT8_ZERO_RELU))
-        _drop_unused_initializers(graph)
+    _drop_unused_initializers(graph)  # the float weights, and a zero point no activation uses
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
