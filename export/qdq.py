@@ -12,9 +12,14 @@ the files that ship, from the same integers:
   (round(x/s) + 128 clamped to [0, 255] is the signed grid shifted, dequantizing to the same values), and
   zero point 0 where the tensor comes out of a ReLU, so that ONNX Runtime folds the ReLU into the integer
   op before it (DQ -> Conv -> Q becomes QLinearConv); there the unsigned grid saturates at 255 * s rather
-  than 127 * s, the only difference from int8-trt. Weights stay int8 unless their integers exceed +-64:
-  x86 u8 x s8 kernels without VNNI add products pairwise in int16 and would saturate, so those are stored
-  as uint8 with zero point 128 (the same grid shifted; ONNX Runtime then uses its exact u8 x u8 kernel).
+  than 127 * s, the only difference from int8-trt. Weights stay int8 (ONNX Runtime's fast u8 x s8
+  kernels) except where those could saturate: x86 without VNNI adds products pairwise in int16. A layer
+  fed straight from a ReLU sees activations of 0..127 steps (the calibrated range; only values beyond it
+  reach 128..255), and 2 * 127 * 127 = 32258 fits in int16. Any other input (the network's input, a
+  pooled or flattened tensor: zero point 128) spans 0..255, so a layer reading one stores weights wider
+  than +-64 as uint8 with zero point 128 (the same grid shifted; ONNX Runtime runs its exact u8 x u8
+  kernel there). Measured on ResNet-20 W8A8 (AVX2): every layer signed agreed with torch on 96.5% of test
+  predictions; unsigned only where needed 99.9%, as fast as all-signed and ~1.8x faster than all-unsigned.
 
 Weights below 8 bits ship as their small integers in int8 containers (no int4 packing). Imports no torch.
 """
@@ -34,7 +39,7 @@ FLAVORS: tuple[Flavor, ...] = ("int8-trt", "int8-ort")
 _UINT8_ZERO = "qdq_activation_zero_point_u8"
 _UINT8_ZERO_RELU = "qdq_activation_zero_point_u8_relu"
 # ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 (VPMADDUBSW), which
-# saturates once 2 * 255 * |w| > 32767: weights up to 64 in magnitude are safe.
+# saturates once 2 * a * |w| > 32767: with inputs up to 255, weights up to 64 in magnitude are safe.
 U8S8_SAFE_WEIGHT = 64
 
 
@@ -43,9 +48,9 @@ def convert_to_int8(
 ) -> onnx.ModelProto:
     """The ``flavor`` int8 model of a fake-quantized Q/DQ export (see the module docstring).
 
-    saturation_safe=False keeps every int8-ort weight signed: faster on x86 without VNNI (ONNX Runtime's
-    u8 x s8 kernel instead of u8 x u8) but, there, results can differ where int16 pair sums saturate; exact
-    on CPUs with VNNI and on ARM.
+    saturation_safe=False keeps every int8-ort weight signed, also where the layer's input is not a ReLU's
+    output: faster there on x86 without VNNI (u8 x s8 instead of u8 x u8) but results can differ where
+    int16 pair sums saturate; exact on CPUs with VNNI and on ARM.
     """
     if flavor not in FLAVORS:
         raise ExportError(f"unknown int8 flavor {flavor!r}; expected one of {', '.join(FLAVORS)}")
@@ -56,6 +61,7 @@ def convert_to_int8(
     _bypass_identities_of_initializers(graph, inits)
     consumers = _consumers(graph)
     producers = {out: node.op_type for node in graph.node for out in node.output}
+    nodes_by_output = {out: node for node in graph.node for out in node.output}
     weights = 0
     activations = 0
     removed: list[onnx.NodeProto] = []
@@ -63,7 +69,8 @@ def convert_to_int8(
         if node.op_type != "QuantizeLinear":
             continue
         if node.input[0] in inits:
-            _fold_weight_quantizer(graph, node, inits, consumers, unsigned_wide=flavor == "int8-ort" and saturation_safe)
+            unsigned_wide = flavor == "int8-ort" and saturation_safe and not _reads_relu(node, consumers, nodes_by_output)
+            _fold_weight_quantizer(graph, node, inits, consumers, unsigned_wide=unsigned_wide)
             removed.append(node)
             weights += 1
         else:
@@ -126,6 +133,23 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             users.setdefault(name, []).append(node)
     return users
+
+
+def _reads_relu(
+    weight_quant: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], nodes_by_output: dict[str, onnx.NodeProto]
+) -> bool:
+    """Whether every layer using this weight takes its activation from Q(DQ) right after a ReLU:
+    weight Q -> DQ -> layer, whose input 0 is DQ <- Q <- Relu."""
+    layers = [layer for dq in consumers.get(weight_quant.output[0], []) for layer in consumers.get(dq.output[0], [])]
+    if not layers:
+        return False
+    for layer in layers:
+        chain = [nodes_by_output.get(layer.input[0])]
+        for _ in range(2):
+            chain.append(nodes_by_output.get(chain[-1].input[0]) if chain[-1] is not None else None)
+        if [n.op_type if n is not None else None for n in chain] != ["DequantizeLinear", "QuantizeLinear", "Relu"]:
+            return False
+    return True
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:

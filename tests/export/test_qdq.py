@@ -98,14 +98,25 @@ def test_ort_flavor_encodings_and_parity(files: dict) -> None:
         assert zero.dtype == np.uint8
         # after a ReLU the zero point is 0 (ONNX Runtime folds the ReLU into the integer op), else 128
         assert int(zero) == (0 if producers.get(node.input[0]) == "Relu" else 128), node.name
-    # weights that could saturate x86 u8 x s8 kernels are stored unsigned, the same grid shifted by 128
-    wide = [n for n, v in inits.items() if v.dtype == np.uint8 and v.ndim == 4]
-    assert wide, "8-bit weights of a random net reach past the u8s8-safe range"
+    # weights that could saturate x86 u8 x s8 kernels are stored unsigned, the same grid shifted by 128:
+    # those wider than +-64 in layers whose input is not a ReLU's output (that one spans 0..255 steps)
     trt_inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(files["int8-trt"])).graph.initializer}
-    for name in wide:
-        signed = trt_inits[name.replace("_uint8", "_int8")]
-        assert np.abs(signed.astype(int)).max() > U8S8_SAFE_WEIGHT
-        assert np.array_equal(inits[name].astype(int) - 128, signed.astype(int))
+    by_output = {o: n for n in graph.node for o in n.output}
+    kinds = {"unsigned": 0, "signed wide after relu": 0}
+    for layer in (n for n in graph.node if n.op_type in ("Conv", "Gemm")):
+        weight = by_output[layer.input[1]].input[0]
+        act_quant = by_output[by_output[layer.input[0]].input[0]]
+        after_relu = producers.get(act_quant.input[0]) == "Relu"
+        signed = trt_inits[weight.replace("_uint8", "_int8")]
+        wide = np.abs(signed.astype(int)).max() > U8S8_SAFE_WEIGHT
+        if wide and not after_relu:
+            assert inits[weight].dtype == np.uint8, layer.name
+            assert np.array_equal(inits[weight].astype(int) - 128, signed.astype(int))
+            kinds["unsigned"] += 1
+        else:
+            assert inits[weight].dtype == np.int8, layer.name
+            kinds["signed wide after relu"] += int(wide)
+    assert all(kinds.values()), kinds  # the random net has both cases: the test sees each rule act
     x = np.random.default_rng(0).random((64, 1, 16, 16), dtype=np.float32)
     reference = predict(_unoptimized(files["int8-trt"]), x)
     for session in (_unoptimized(files["int8-ort"]), ort_session(files["int8-ort"])):
