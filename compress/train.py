@@ -18,6 +18,19 @@ from compress.sparsity import apply_masks, mask_gradients
 Schedule = Literal["onecycle", "cosine", "constant"]
 
 
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean, times T^2 so its gradient scale does not shrink with T."""
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
+
+
 def random_shift(
     x: torch.Tensor, max_shift: int, generator: torch.Generator, *, of: int | None = None, start: int = 0
 ) -> torch.Tensor:
@@ -70,8 +83,14 @@ def fit(
     progress: RunProgress | None = None,
     description: str = "train",
     on_step: Callable[[int], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 4.0,
 ) -> None:
     """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout.
+
+    With a `teacher`, the loss is (1 - distill_weight) * cross-entropy + distill_weight * kd_loss against
+    the teacher's logits on the same (shifted) inputs.
 
     `on_step(n)` runs after the n-th optimizer step (1-based); it may change `masks` in place (gradual
     pruning), and the next step already holds the new masks.
@@ -93,7 +112,12 @@ def fit(
             for shard, (inputs, labels) in zip(shards, shard_loader(dataset, shards)):
                 inputs = random_shift(inputs, shift, generator, of=shard.batch_size, start=shard.start).to(device)
                 labels = labels.to(device)
-                loss = F.cross_entropy(model(inputs), labels)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, labels)
+                if teacher is not None and distill_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(inputs)
+                    loss = (1 - distill_weight) * loss + distill_weight * kd_loss(logits, teacher_logits, temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 reduce_gradients([p.grad for p in model.parameters()], shard.share)

@@ -38,7 +38,7 @@ from compress.progress import RunProgress
 from compress.recipe import SOURCE_PREFIXES, ModelConfig, StrictModel
 from compress.sparsity import apply_masks
 from compress.state import ModelState, StageContext
-from compress.train import make_scheduler, random_shift
+from compress.train import kd_loss, make_scheduler, random_shift
 
 OPTIMIZER_FORMAT = "compress.distill.optimizer/1"
 TEACHER_CHOICES = ("baseline", "previous")
@@ -95,19 +95,6 @@ class DistillRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epoch_seconds: list[float] = field(default_factory=list)
     last_loss: float = math.nan
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean, times T^2 so its gradient scale does not shrink with T."""
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=1),
-            F.log_softmax(teacher_logits.float() / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
-    )
 
 
 def _gradients(

@@ -23,6 +23,7 @@ from compress.passes.prune_magnitude import (
     before_after,
     example_input,
     finetune,
+    finetune_teacher,
     measure,
     rewind_to,
     select_layers,
@@ -85,10 +86,11 @@ def prune_ap(state: ModelState, cfg: APConfig, ctx: StageContext) -> PassResult:
     before = measure(state.model, ctx, example, dnr=True)
     initial, _, total = targeted_sparsity(layers)
     stage_start = {k: v.detach().clone() for k, v in state.model.state_dict().items()} if cfg.rewind else None
+    teacher = finetune_teacher(state, cfg.finetune)
     cycles = []
     for index, target in enumerate(cycle_sparsities(initial, cfg.sparsity, cfg.cycles)):
         start = {f"{name}.weight": module.weight.detach().clone() for name, module in layers.items()}
-        finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: cycle {index + 1}/{cfg.cycles} train")
+        finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: cycle {index + 1}/{cfg.cycles} train", teacher=teacher)
         cycles.append(_prune_cycle(state, cfg, layers, start, target, total))
         if stage_start is not None:
             rewind_to(state.model, stage_start, state.masks)
@@ -98,7 +100,7 @@ def prune_ap(state: ModelState, cfg: APConfig, ctx: StageContext) -> PassResult:
             f"{ctx.stage_name}: cycle {index + 1}/{cfg.cycles}: sparsity {cycles[-1]['sparsity']:.4f} "
             f"(AP {cycles[-1]['ap_pruned']}), metric {cycles[-1]['metric_after_prune']:.4f}"
         )
-    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: final fine-tune")
+    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: final fine-tune", teacher=teacher)
     after = measure(state.model, ctx, example, dnr=True)
     return PassResult(
         state,

@@ -7,6 +7,7 @@ paper's randomized variant. ALGORITHMS.md section 1 has the facts this follows.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -42,6 +43,10 @@ class FinetuneConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     shift: int = Field(0, ge=0, le=8, description="random +-pixel shifts (augmentation), as in reference training")
+    distill: float = Field(
+        0.0, ge=0, le=1, description="weight of distillation from the stage's input model (the rest: cross-entropy)"
+    )
+    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature")
 
 
 class SelectionConfig(StrictModel):
@@ -98,12 +103,23 @@ class MagnitudePruneConfig(SelectionConfig):
         return self
 
 
+def finetune_teacher(state: ModelState, cfg: FinetuneConfig) -> nn.Module | None:
+    """With `distill`, a frozen copy of the model as the stage received it: every later fine-tuning run
+    of the stage learns from its logits (SparseML's and ModelOpt's dense teacher for sparse fine-tuning)."""
+    if cfg.distill == 0 or cfg.epochs == 0:
+        return None
+    teacher = copy.deepcopy(state.model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def finetune(
     state: ModelState,
     cfg: FinetuneConfig,
     ctx: StageContext,
     description: str,
     on_step: Callable[[int], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> None:
     if cfg.epochs == 0:
         return
@@ -123,6 +139,9 @@ def finetune(
         progress=ctx.progress,
         description=description,
         on_step=on_step,
+        teacher=teacher,
+        distill_weight=cfg.distill,
+        temperature=cfg.temperature,
     )
 
 
@@ -208,12 +227,13 @@ def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageCont
     layers = select_layers(state.model, cfg, ctx)
     example = example_input(ctx)
     before = measure(state.model, ctx, example, cfg.measure_dnr)
+    teacher = finetune_teacher(state, cfg.finetune)
     if cfg.granularity == "channels":
-        info = _prune_channels(state, cfg, ctx, layers, example)
+        info = _prune_channels(state, cfg, ctx, layers, example, teacher)
     elif cfg.granularity == "nm":
-        info = _prune_nm(state, cfg, ctx, layers)
+        info = _prune_nm(state, cfg, ctx, layers, teacher)
     else:
-        info = _prune_unstructured(state, cfg, ctx, layers)
+        info = _prune_unstructured(state, cfg, ctx, layers, teacher)
     after = measure(state.model, ctx, example, cfg.measure_dnr)
     return PassResult(
         state,
@@ -230,7 +250,11 @@ def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageCont
 
 
 def _prune_unstructured(
-    state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext, layers: dict[str, nn.Module]
+    state: ModelState,
+    cfg: MagnitudePruneConfig,
+    ctx: StageContext,
+    layers: dict[str, nn.Module],
+    teacher: nn.Module | None,
 ) -> dict[str, Any]:
     initial, _, _ = targeted_sparsity(layers)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -248,7 +272,7 @@ def _prune_unstructured(
         apply_masks(state.model, state.masks)
 
     if cfg.schedule == "gradual":
-        steps = _gradual_while_training(state, cfg, ctx, layers, prune_to, initial)
+        steps = _gradual_while_training(state, cfg, ctx, layers, prune_to, initial, teacher)
         epochs_total = cfg.finetune.epochs
     else:
         targets = [cfg.sparsity] if cfg.sparsity is None else step_targets(cfg, initial, cfg.sparsity)
@@ -258,7 +282,7 @@ def _prune_unstructured(
             prune_to(target)
             if snapshot is not None:
                 rewind_to(state.model, snapshot, state.masks)
-            steps.append(_prune_step(state, cfg, ctx, layers, index, len(targets), target))
+            steps.append(_prune_step(state, cfg, ctx, layers, index, len(targets), target, teacher))
         epochs_total = cfg.finetune.epochs * len(targets)
     info: dict[str, Any] = {"pruned_layers": sorted(layers), "steps": steps}
     info["metric_before_finetune"] = steps[-1]["metric_after_prune"]
@@ -275,6 +299,7 @@ def _gradual_while_training(
     layers: dict[str, nn.Module],
     prune_to: Callable[[float], None],
     initial: float,
+    teacher: nn.Module | None,
 ) -> list[dict[str, Any]]:
     """Zhu & Gupta inside one fine-tuning run: `steps` pruning events evenly spaced over the first `ramp`
     of its optimizer steps (the first before any training), then training on with the masks fixed.
@@ -298,7 +323,7 @@ def _gradual_while_training(
                 record[-1]["metric_after_prune"] = ctx.evaluate(state.model)
 
     on_step(0)
-    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: gradual prune + fine-tune", on_step=on_step)
+    finetune(state, cfg.finetune, ctx, f"{ctx.stage_name}: gradual prune + fine-tune", on_step, teacher)
     ctx.progress.log(
         f"{ctx.stage_name}: gradual, {len(targets)} steps to {record[-1]['sparsity']:.4f}, "
         f"metric right after the last step {record[-1]['metric_after_prune']:.4f}"
@@ -314,6 +339,7 @@ def _prune_step(
     index: int,
     count: int,
     target: float | None,
+    teacher: nn.Module | None,
 ) -> dict[str, Any]:
     """Measure the freshly pruned model, fine-tune it, and say what the step did."""
     metric_pruned = ctx.evaluate(state.model)
@@ -322,12 +348,16 @@ def _prune_step(
         f"{ctx.stage_name}: step {index + 1}/{count}, sparsity {sparsity:.4f}, metric before fine-tune {metric_pruned:.4f}"
     )
     label = f"{ctx.stage_name}: fine-tune" + (f" {index + 1}/{count}" if count > 1 else "")
-    finetune(state, cfg.finetune, ctx, label)
+    finetune(state, cfg.finetune, ctx, label, teacher=teacher)
     return {"step": index + 1, "target": target, "sparsity": sparsity, "metric_after_prune": metric_pruned}
 
 
 def _prune_nm(
-    state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext, layers: dict[str, nn.Module]
+    state: ModelState,
+    cfg: MagnitudePruneConfig,
+    ctx: StageContext,
+    layers: dict[str, nn.Module],
+    teacher: nn.Module | None,
 ) -> dict[str, Any]:
     new_masks, skipped = nm_masks(layers, cfg.n, cfg.m, cfg.nm_rule, existing=state.masks)
     if not new_masks:
@@ -341,7 +371,7 @@ def _prune_nm(
     merge_masks(state.masks, new_masks)
     apply_masks(state.model, state.masks)
     nm_layers = {name: layers[name] for name in layers if name not in skipped}
-    step = _prune_step(state, cfg, ctx, nm_layers, 0, 1, 1 - cfg.n / cfg.m)
+    step = _prune_step(state, cfg, ctx, nm_layers, 0, 1, 1 - cfg.n / cfg.m, teacher)
     return {
         "pruned_layers": sorted(nm_layers),
         "nm": {"n": cfg.n, "m": cfg.m, "rule": cfg.nm_rule, "layers": sorted(nm_layers), "skipped": skipped},
@@ -357,6 +387,7 @@ def _prune_channels(
     ctx: StageContext,
     layers: dict[str, nn.Module],
     example: torch.Tensor,
+    teacher: nn.Module | None,
 ) -> dict[str, Any]:
     model = state.model
     ratios = step_targets(cfg, 0.0, cfg.sparsity)
@@ -378,7 +409,7 @@ def _prune_channels(
         apply_masks(model, state.masks)
         if cfg.rewind and index == 0:
             ctx.progress.log(f"{ctx.stage_name}: rewind has no meaning for channels (the shapes change); ignored")
-        steps.append(_prune_step(state, cfg, ctx, layers, index, len(ratios), ratio))
+        steps.append(_prune_step(state, cfg, ctx, layers, index, len(ratios), ratio, teacher))
         # weight sparsity says nothing here: what shrank is the channel count of the selected layers
         now = channel_counts(model)
         steps[-1]["sparsity"] = 1 - sum(now[name] for name in layers) / sum(channels_before[name] for name in layers)

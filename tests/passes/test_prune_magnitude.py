@@ -72,6 +72,32 @@ def test_masks_hold_through_finetuning(small_context) -> None:
     assert 0 <= info["dnr_before"] <= 1 and 0 <= info["dnr_after"] <= 1
 
 
+def _relabelled(ctx, shift: int):
+    """The same images with every label moved by `shift` classes."""
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    x, y = ctx.data.train.tensors
+    dataset = TensorDataset(x, (y + shift) % ctx.data.num_classes)
+    return replace(ctx, data=replace(ctx.data, train=dataset, val=dataset, test=dataset))
+
+
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_finetune_distill_learns_from_the_input_model_not_the_labels(small_context, distill: float) -> None:
+    """distill 1: the loss is the input model's soft targets only, so the labels cannot change the result."""
+    weights = []
+    for shift in (0, 3):
+        model = _resnet8()
+        _prune(model, _relabelled(small_context, shift), sparsity=0.5,
+               finetune={"epochs": 1, "lr": 0.05, "distill": distill})  # fmt: skip
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    if distill == 1.0:
+        torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+    else:
+        assert not torch.equal(weights[0], weights[1])
+
+
 def test_nm_pattern_holds_in_every_reported_layer_and_the_rest_are_explained(small_context) -> None:
     model = _resnet8()
     state, info = _prune(model, small_context, granularity="nm", nm_rule="divisible", finetune={"epochs": 1})
