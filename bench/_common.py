@@ -40,9 +40,13 @@ def test_top1(model: nn.Module, data: DataSplits) -> float:
     return float(TOP1(*predict(model, data.test)))
 
 
-def ort_quantize_static(fp32: Path, data: DataSplits, out: Path, *, unsigned_activations: bool) -> Path:
+def ort_quantize_static(
+    fp32: Path, data: DataSplits, out: Path, *, unsigned_activations: bool, symmetric_activations: bool = False
+) -> Path:
     """The peer: ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, MinMax) on 1,024 calibration
-    images drawn like our passes draw them; uint8 activations are its CPU default, int8 TensorRT's form."""
+    images drawn like our passes draw them. uint8 activations are its CPU default; int8 activations are
+    asymmetric (a zero point per tensor: post-ReLU ranges get all 256 levels) unless symmetric_activations,
+    TensorRT's form (zero point 0, what our quantizers produce: 128 levels for a post-ReLU range)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
@@ -61,5 +65,6 @@ def ort_quantize_static(fp32: Path, data: DataSplits, out: Path, *, unsigned_act
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": symmetric_activations},
     )  # fmt: skip
     return out
