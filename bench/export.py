@@ -9,7 +9,8 @@ CPU-fast form) written from the same integers, and int8-ort with int8_ort_weight
 kept signed: faster on x86 without VNNI, where ONNX Runtime's u8 x s8 kernel may saturate); ONNX Runtime's own quantize_static (QDQ, per-channel int8
 weights, uint8 activations, MinMax on 1,024 calibration images) as the peer. Columns: test
 accuracy, top-1 agreement with the torch model it came from, file size and latency at batch 1 and 64 as
-ratios to fp32 (median of --runs runs after warm-up, 2 threads, all in this one process).
+ratios to fp32 (2 threads, all in this one process; every file timed in each of 5 alternating rounds of
+--runs / 5 runs, the median kept, so drifting load on a shared machine hits all files alike).
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ from compress.train import predict as torch_predict
 
 
 def export_rows(
-    model: torch.nn.Module, data, precisions: list[str], out: Path, runs: int, ort_weights: str = "safe"
+    model: torch.nn.Module, data, precisions: list[str], out: Path, ort_weights: str = "safe"
 ) -> dict[str, Any]:
     cfg = ExportConfig.model_validate(
         {"onnx": {"precisions": precisions, "int8_ort_weights": ort_weights}, "tensorrt": {"build": "never"},
-         "verify": {"max_drop": None, "latency_runs": runs, "threads": 2}}
+         "verify": {"max_drop": None, "latency": False, "threads": 2}}  # timed later, interleaved
     )  # fmt: skip
     logits, labels = torch_predict(model, data.test)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,8 +48,8 @@ def export_rows(
         )
 
 
-def peer_quantize_static(fp32: Path, data, out: Path, runs: int, torch_logits: np.ndarray) -> dict[str, Any]:
-    from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
+def peer_quantize_static(fp32: Path, data, out: Path, torch_logits: np.ndarray) -> dict[str, Any]:
+    from export.ort_runner import file_size, ort_session, parity, predict
 
     path = ort_quantize_static(fp32, data, out / "peer.int8.onnx", unsigned_activations=True)
     x, y = dataset_tensors(data.test)
@@ -58,7 +59,6 @@ def peer_quantize_static(fp32: Path, data, out: Path, runs: int, torch_logits: n
         "metric": float((logits.argmax(1) == y.numpy()).mean()),
         "parity": parity(torch_logits, logits),
         "size_bytes": file_size(path),
-        "latency_ms": measure_latency(session, tuple(x.shape[1:]), runs=runs, threads=2),
     }
 
 
@@ -67,6 +67,26 @@ def quantize(model: torch.nn.Module, data, bits: int, iterations: int) -> torch.
     params = {"weight_bits": bits, "activation_bits": 8, "iterations": iterations, "residual_quantizers": "both"}
     ctx = StageContext.standalone(data, seed=0, name="bench-export")
     return spec.apply(ModelState(copy.deepcopy(model)), spec.config_type.model_validate(params), ctx).state.model
+
+
+def interleaved_latency(
+    files: dict[str, Path], sample_shape: tuple[int, ...], runs: int, rounds: int = 5
+) -> dict[str, dict[str, float]]:
+    """Median latency per file over `rounds` rounds that each time every file in turn (runs / rounds runs
+    per batch size a round): load that drifts during the bench (a shared machine) hits every file alike,
+    where timing one file after another would charge it to whichever ran then."""
+    from export.ort_runner import measure_latency, ort_session
+
+    sessions = {name: ort_session(path, threads=2) for name, path in files.items()}
+    per_round: dict[str, list[dict]] = {name: [] for name in files}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            timing = measure_latency(session, sample_shape, warmup=3, runs=max(1, runs // rounds), threads=2)
+            per_round[name].append(timing)
+    return {
+        name: {key: float(np.median([r[key] for r in results])) for key in ("batch1", "batch64")}
+        for name, results in per_round.items()
+    }
 
 
 def row(name: str, entry: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
@@ -99,42 +119,52 @@ def main() -> None:
         args.iterations, args.runs, args.bits = 50, 30, "8"
     torch.set_num_threads(2)
     model, data, _ = reference("resnet20")
-    rows: list[list[str]] = []
-    checks: list[str] = []
+    named: list[tuple[str, dict[str, Any], Path]] = []  # (row name, entry, file) in table order
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         work = Path(tmp)
-        floats = export_rows(model, data, ["fp32", "fp16"], work / "float", args.runs)
+        floats = export_rows(model, data, ["fp32", "fp16"], work / "float")
         fp32 = floats["fp32"]
-        rows += [row("fp32", fp32, fp32), row("fp16", floats["fp16"], fp32)]
+        named += [("fp32", fp32, work / "float" / "model.fp32.onnx"), ("fp16", floats["fp16"], work / "float" / "model.fp16.onnx")]
         torch_logits, _ = torch_predict(model, data.test)
-        peer = peer_quantize_static(work / "float" / "model.fp32.onnx", data, work, args.runs, torch_logits.numpy())
-        rows.append(row("peer: ORT quantize_static W8A8 (u8 act)", peer, fp32))
+        peer = peer_quantize_static(work / "float" / "model.fp32.onnx", data, work, torch_logits.numpy())
+        named.append(("peer: ORT quantize_static W8A8 (u8 act)", peer, work / "peer.int8.onnx"))
+        results: dict[int, tuple[dict, dict]] = {}
         for bits in (int(b) for b in args.bits.split(",")):
             print(f"quantizing W{bits}A8 with AdaRound ({args.iterations} iterations per layer) ...", flush=True)
             quantized = quantize(model, data, bits, args.iterations)
-            ours = export_rows(quantized, data, ["int8-trt", "int8-ort"], work / f"w{bits}", args.runs)
+            ours = export_rows(quantized, data, ["int8-trt", "int8-ort"], work / f"w{bits}")
+            signed = export_rows(quantized, data, ["int8-ort"], work / f"w{bits}-signed", "signed")
             for flavor in ("int8-trt", "int8-ort"):
-                entry = ours[flavor]
-                rows.append(row(f"ours: W{bits}A8 {flavor}", entry, fp32))
-                drop = abs(entry["torch_metric"] - entry["metric"])
-                checks.append(
-                    f"W{bits}A8 {flavor}: agreement {100 * entry['parity']['top1_agreement']:.2f}% (>= 99.5), "
-                    f"|accuracy - torch| {100 * drop:.2f} pt (<= 0.2), size {entry['size_bytes'] / fp32['size_bytes']:.2f}x "
-                    f"(<= 0.3), lint findings {len(entry['lint']['findings'])}"
-                )
-            signed = export_rows(quantized, data, ["int8-ort"], work / f"w{bits}-signed", args.runs, "signed")
-            entry = signed["int8-ort"]
-            rows.append(row(f"ours: W{bits}A8 int8-ort, int8_ort_weights: signed", entry, fp32))
+                named.append((f"ours: W{bits}A8 {flavor}", ours[flavor], work / f"w{bits}" / f"model.{flavor}.onnx"))
+            named.append((f"ours: W{bits}A8 int8-ort, int8_ort_weights: signed", signed["int8-ort"],
+                          work / f"w{bits}-signed" / "model.int8-ort.onnx"))  # fmt: skip
+            results[bits] = (ours, signed["int8-ort"])
+        print(f"timing {len(named)} files in alternating rounds ...", flush=True)
+        latency = interleaved_latency({name: path for name, _, path in named}, tuple(data.test[0][0].shape), args.runs)
+        for name, entry, _ in named:
+            entry["latency_ms"] = latency[name]
+    rows = [row(name, entry, fp32) for name, entry, _ in named]
+    checks: list[str] = []
+    for bits, (ours, signed_entry) in results.items():
+        for flavor in ("int8-trt", "int8-ort"):
+            entry = ours[flavor]
+            drop = abs(entry["torch_metric"] - entry["metric"])
             checks.append(
-                f"W{bits}A8 int8-ort (signed weights): agreement {100 * entry['parity']['top1_agreement']:.2f}%, "
-                f"batch 64 {fp32['latency_ms']['batch64'] / entry['latency_ms']['batch64']:.2f}x faster than fp32"
+                f"W{bits}A8 {flavor}: agreement {100 * entry['parity']['top1_agreement']:.2f}% (>= 99.5), "
+                f"|accuracy - torch| {100 * drop:.2f} pt (<= 0.2), size {entry['size_bytes'] / fp32['size_bytes']:.2f}x "
+                f"(<= 0.3), lint findings {len(entry['lint']['findings'])}"
             )
-            fast, b64 = ours["int8-ort"]["latency_ms"]["batch64"], fp32["latency_ms"]["batch64"]
-            checks.append(
-                f"W{bits}A8 int8-ort at batch 64: {b64 / fast:.2f}x faster than fp32, "
-                f"{peer['latency_ms']['batch64'] / fast:.2f}x the peer's speed"
-            )
-    print(f"\n## Exported ResNet-20 (mnist5k test split, {len(data.test)} images), ONNX Runtime CPU, 2 threads")
+        checks.append(
+            f"W{bits}A8 int8-ort (signed weights): agreement {100 * signed_entry['parity']['top1_agreement']:.2f}%, "
+            f"batch 64 {fp32['latency_ms']['batch64'] / signed_entry['latency_ms']['batch64']:.2f}x faster than fp32"
+        )
+        fast, b64 = ours["int8-ort"]["latency_ms"]["batch64"], fp32["latency_ms"]["batch64"]
+        checks.append(
+            f"W{bits}A8 int8-ort at batch 64: {b64 / fast:.2f}x faster than fp32, "
+            f"{peer['latency_ms']['batch64'] / fast:.2f}x the peer's speed"
+        )
+    print(f"\n## Exported ResNet-20 (mnist5k test split, {len(data.test)} images), ONNX Runtime CPU, 2 threads, "
+          f"latency: median of 5 alternating rounds of {max(1, args.runs // 5)} runs")  # fmt: skip
     print_table(rows)
     print()
     for line in checks:
