@@ -6,10 +6,11 @@
 Rows: fp32; quantize.rtn with MSE and with min-max weight ranges; quantize.adaround (mean and spread
 over seeds) at W8A8, W4A8, W3A8, W2A8; ONNX Runtime's quantize_static (QDQ, per-channel, MinMax) at
 W8A8, with zero-point int8 activations and with symmetric ones (TensorRT's form, as ours), exact
-arithmetic; Qualcomm AIMET's AdaRound at W4A8 with the same iterations, calibration images and batch
-size, run in its own virtual environment (/tmp/aimet-venv, created here when missing; skipped with the reason
-when it cannot be installed). Wall times: our whole pass (fold, ranges, calibration, AdaRound) against
-AIMET's fold + apply_adaround, both on this machine in this run (ours: the mean over seeds at W4).
+arithmetic; Qualcomm AIMET's AdaRound at each width below 8 with the same iterations, calibration images
+and batch size, run in its own virtual environment (/tmp/aimet-venv, created here when missing; skipped
+with the reason when it cannot be installed). Wall times: our whole pass (fold, ranges, calibration, AdaRound) against
+AIMET's fold + apply_adaround at the same width, both on this machine in this run (ours: the mean
+over seeds).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
     fp32 = test_top1(model, data)
     print(f"\n## {arch}: fp32 {pct(fp32)}% (test split, {len(data.test)} images)", flush=True)
     rows: list[list[str]] = []
-    ours_w4_seconds = None
+    ours_seconds: dict[int, float] = {}
     for bits in args.bits:
         grid = {"weight_grid": args.weight_grid}
         rtn_mse, _, _ = run_pass(model, data, "quantize.rtn", {"weight_bits": bits, **grid}, CALIBRATION_SEED)
@@ -182,24 +183,21 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
             threads = "/".join(str(layer["threads"]) for layer in info["layers"])
             print(f"  W{bits}A8 adaround seed {seed}: {pct(acc)}% in {secs:.1f}s (prepare {info['prepare_seconds']:.1f}s; "
                   f"per layer: {per_layer}; threads {threads})", flush=True)  # fmt: skip
-        if bits == 4:
-            ours_w4_seconds = statistics.mean(seconds)
+        ours_seconds[bits] = statistics.mean(seconds)
         rows.append([arch, f"W{bits}A8", pct(fp32), pct(rtn_mse), pct(rtn_minmax), spread(accs),
                      f"{statistics.mean(seconds):.1f}", "", ""])  # fmt: skip
         print(f"  W{bits}A8: rtn mse {pct(rtn_mse)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if 8 in args.bits:
             rows[args.bits.index(8)][7] = ort_peer(model, data, Path(tmp))
-        if 4 in args.bits:
-            if aimet_status is None:
-                peer = aimet_adaround(model, data, blocks, 4, args.iterations, Path(tmp))
-            else:
-                peer = aimet_status
-            row = rows[args.bits.index(4)]
+        # AIMET at every width below 8 it shares with ours: its accuracy on this very model, and the time ratio
+        for bits in (b for b in args.bits if b < 8):
+            peer = aimet_status or aimet_adaround(model, data, blocks, bits, args.iterations, Path(tmp))
+            row = rows[args.bits.index(bits)]
             if isinstance(peer, dict):
-                ratio = ours_w4_seconds / peer["seconds"]
                 row[7] = f"AIMET AdaRound {pct(peer['top1'])} ({peer['seconds']:.1f}s)"
-                row[8] = f"{ratio:.2f}"
+                row[8] = f"{ours_seconds[bits] / peer['seconds']:.2f}"
+                print(f"  W{bits}A8 AIMET: {pct(peer['top1'])}% in {peer['seconds']:.1f}s", flush=True)
             else:
                 row[7] = f"AIMET {peer}"
     return rows
