@@ -78,6 +78,23 @@ def ort_peer(model, data, workdir: Path) -> str:
     return "ORT quantize_static " + " / ".join(results)
 
 
+def ensure_aimet() -> str | None:
+    """None when AIMET's environment works, else the reason it is skipped."""
+    python = AIMET_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import aimet_torch.adaround.adaround_weight"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return None
+    print(f"setting up AIMET in {AIMET_VENV} (pip install {' '.join(AIMET_PINS)}) ...", flush=True)
+    steps = [[sys.executable, "-m", "venv", str(AIMET_VENV)], [str(python), "-m", "pip", "install", "-q", *AIMET_PINS]]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            return "skipped: cannot install aimet-torch: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        return "skipped: aimet_torch installed but does not import"
+    return None
+
+
 AIMET_SCRIPT = r'''
 import json, sys, time, types, importlib.util, tempfile, os, warnings, logging
 warnings.filterwarnings("ignore")
