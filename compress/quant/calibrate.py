@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
-from compress.quant.graph import act_quantizers, set_float
+from compress.quant.graph import act_quantizers, set_float, snap_biases
 
 ActCalibration = Literal["minmax", "percentile", "mse"]
 BINS = 4096
@@ -80,7 +81,8 @@ def calibrate_activations(
     batch_size: int = 256,
     device: torch.device = torch.device("cpu"),
 ) -> dict[str, float]:
-    """Set every ActQuant's scale from the float (BN-folded) model's activations; returns name -> amax."""
+    """Set every ActQuant's scale from the float (BN-folded) model's activations, then round the layers'
+    biases onto their int32 grids (graph.snap_biases); returns name -> amax."""
     quantizers = act_quantizers(model)
     if not quantizers:
         return {}
@@ -106,4 +108,6 @@ def calibrate_activations(
         set_float(model, False)
     for name, q in quantizers.items():
         q.set_amax(amax[name])
+    if isinstance(model, fx.GraphModule):
+        snap_biases(model)
     return amax
