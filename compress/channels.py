@@ -6,7 +6,9 @@ physically smaller model. See ALGORITHMS.md section 1.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import warnings
@@ -60,10 +62,14 @@ class ChannelPruner:
         model.eval()  # tracing a batch of one through BatchNorm in train mode can fail
         for attention in self.attention.values():
             attention.hide_bias = True
+        regrouping = _channel_regrouping_module(model, example)
         try:
-            with torch.enable_grad(), warnings.catch_warnings():  # the graph is built from autograd's record
+            # the graph is built from autograd's record
+            with torch.enable_grad(), warnings.catch_warnings(), _shuffle_as_identity(model, regrouping):
                 warnings.filterwarnings("ignore", message="Unwrapped parameters", category=UserWarning)
                 ignored += _output_layer(model, example) + _normalized_residual_layers(model, example, ignored)
+                if regrouping is not None:
+                    ignored += _shuffled_layers(model, example, ignored)
                 self.pruner = _base_pruner(model, example, cumulative, global_ranking, ignored, round_to, num_heads)
         except Exception as exc:
             raise _graph_error(model, example, exc) from None
@@ -217,6 +223,56 @@ def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored
                 if isinstance(dep.target.module, PRUNABLE_TYPES) and graph.is_out_channel_pruning_fn(dep.handler)
             ]
     return keep
+
+
+def _shuffled_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:
+    """Layers writing channels that reach a concatenation or a split: in a model with a channel shuffle
+    (ShuffleNet: concat, shuffle, split in every block) these are the channels the shuffle permutes, kept
+    at full width, as is every layer whose group Torch-Pruning cannot map (its split indices fail on the
+    shuffled stream); pruning takes the channels inside the branches (1x1 conv -> depthwise -> 1x1 conv)."""
+    import torch_pruning as tp
+
+    regrouping = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT)
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    keep: list[nn.Module] = []
+    for module in [m for m in graph.module2node if isinstance(m, PRUNABLE_TYPES) and m not in ignored]:
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        except (IndexError, ValueError, ZeroDivisionError):
+            keep.append(module)
+            continue
+        if any(dep.target.type in regrouping for dep, _ in group):
+            keep.append(module)
+    return keep
+
+
+@contextlib.contextmanager
+def _shuffle_as_identity(model: nn.Module, regrouping: tuple[str, str] | None) -> Iterator[None]:
+    """While Torch-Pruning traces the model: the channel shuffle of the regrouping module's code (a
+    module-level `channel_shuffle(x, groups)`, as torchvision's ShuffleNetV2 has) returns its input.
+
+    Torch-Pruning cannot map channel indices through the shuffle's view into groups (its graph fails to
+    build), and a shuffle keeps the number of channels: with it out of the trace, every layer whose
+    channels reach a concat or split (the shuffled ones) is kept (_shuffled_layers), so no pruned group
+    crosses the shuffle and the real shuffle stays correct on the pruned model.
+    """
+    if regrouping is None:
+        yield
+        return
+    kind = type(model.get_submodule(regrouping[0]))
+    code = sys.modules.get(kind.__module__)
+    original = getattr(code, "channel_shuffle", None)
+    if code is None or not callable(original):
+        yield
+        return
+    code.channel_shuffle = lambda x, groups: x  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        code.channel_shuffle = original  # type: ignore[attr-defined]
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
