@@ -220,7 +220,9 @@ def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str], residu
 
     def want(consumer: fx.Node, arg: fx.Node) -> None:
         source = _resolve_identity(gm, arg)
-        wanted.setdefault(source, []).append([consumer.name, arg.name])
+        entries = wanted.setdefault(source, [])
+        if [consumer.name, arg.name] not in entries:
+            entries.append([consumer.name, arg.name])
 
     for node in gm.graph.nodes:
         module = _module(gm, node)
@@ -244,6 +246,13 @@ def _place_activation_quantizers(gm: fx.GraphModule, quantized: set[str], residu
             for operand in operands:
                 if operand is not fused or residual == "both":
                     want(node, operand)
+            if residual == "both" and following_activation(gm, node) == "relu":
+                # the add's ReLU output quantized for every consumer, the last block's pooling included:
+                # ONNX Runtime then runs DQ -> Add -> ReLU -> Q as one QLinearAdd there too (and the pooling
+                # on integers) instead of leaving the network's tail in float
+                relu = next(iter(node.users))
+                for user in list(relu.users):
+                    want(user, relu)
     return [
         {"key": f"q_{source.name}", "source": source.name, "consumers": consumers}
         for source, consumers in sorted(wanted.items(), key=lambda item: order[item[0]])

@@ -135,7 +135,10 @@ def test_residual_both_quantizes_the_layer_side_of_each_add() -> None:
     skip = _quantized_resnet8(4, "skip")
     both = _quantized_resnet8(4, "both")
     blocks = 3  # resnet8: one block per stage
-    assert len(act_quantizers(both)) == len(act_quantizers(skip)) + blocks
+    # plus one: the last block's ReLU output feeds the pooling, not a quantized layer, and is quantized too
+    assert len(act_quantizers(both)) == len(act_quantizers(skip)) + blocks + 1
+    pooled = [n for n in both.graph.nodes if n.op == "call_module" and "pool" in str(n.target)]
+    assert pooled and all(str(n.args[0].target).startswith("act_quant.") for n in pooled)
 
 
 def test_signed_weights_when_saturation_safety_is_off(files: dict) -> None:
