@@ -1,12 +1,14 @@
 """The whole pipeline on one model, step by step, each step's outcome recorded: the model zoo matrix.
 
-Steps (each on the previous step's model, through the registered passes, on random data):
+Steps (each on the previous step's model, through the registered passes, on random images in classes,
+see random_data):
   build      the model (compress.models.build_model: attention made explicit), random weights
   prune-ch   prune.magnitude granularity channels (Torch-Pruning; attention heads as whole groups),
              then the stage checkpoint reloads into a freshly built model with identical outputs
   prune-un   prune.magnitude unstructured on top (masks held from here on)
   distill    a short distill.dot from the unpruned model
-  quantize   a short quantize.adaround (W8A8 by default); the stage checkpoint reloads exactly
+  quantize   the output layer refitted to the pruned model's features (class_head), then a short
+             quantize.adaround (W7A8, see Settings); the stage checkpoint reloads exactly
   export     the quantized model's Q/DQ ONNX (export.onnx_export), turned into int8-trt (export.qdq)
   lint       export.lint.lint_onnx finds nothing
   parity     ONNX Runtime on the int8 file against the torch quantized model: top-1 agreement >= 0.99

@@ -87,3 +87,26 @@ def test_zoo_model_through_every_step(zoo) -> None:  # noqa: ANN001
     if zoo.name in ("vit_b_16", "swin_t"):  # whole heads pruned, and the model still exported and ran
         assert sum(a for _, a in result.heads.values()) < sum(b for b, _ in result.heads.values())
     assert list(result.steps) == list(STEPS)
+
+
+def test_channel_shuffle_prunes_branch_channels_only() -> None:
+    """ShuffleNet: the channels a shuffle permutes (those reaching its concat/split) stay whole, the
+    channels inside the branches are pruned, and the pruned model runs with the real shuffle."""
+    import torch
+    from torchvision.models.shufflenetv2 import ShuffleNetV2
+
+    from compress.channels import ChannelPruner, channel_counts
+    from compress.sparsity import PRUNABLE_TYPES
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 128], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = channel_counts(model)
+    selected = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    pruner = ChannelPruner(model, x[:1], ratios=[0.25], global_ranking=False, selected=selected, classifier="fc", round_to=None)
+    pruner.step()
+    after = channel_counts(model)
+    assert model(x).shape == (2, 10)
+    changed = {n for n in before if after[n] != before[n]}
+    assert {"stage2.0.branch2.0", "stage3.0.branch2.0", "stage4.0.branch2.0"} <= changed
+    assert not [n for n in changed if n.endswith(("branch1.2", "branch2.5"))]  # the shuffled channels
