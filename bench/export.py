@@ -69,8 +69,11 @@ def quantize(model: torch.nn.Module, data, bits: int, iterations: int) -> torch.
     return spec.apply(ModelState(copy.deepcopy(model)), spec.config_type.model_validate(params), ctx).state.model
 
 
+ROUNDS = 5
+
+
 def interleaved_latency(
-    files: dict[str, Path], sample_shape: tuple[int, ...], runs: int, rounds: int = 5
+    files: dict[str, Path], sample_shape: tuple[int, ...], runs: int, rounds: int = ROUNDS
 ) -> dict[str, dict[str, float]]:
     """Median latency per file over `rounds` rounds that each time every file in turn (runs / rounds runs
     per batch size a round): load that drifts during the bench (a shared machine) hits every file alike,
@@ -164,7 +167,7 @@ def main() -> None:
             f"{peer['latency_ms']['batch64'] / fast:.2f}x the peer's speed"
         )
     print(f"\n## Exported ResNet-20 (mnist5k test split, {len(data.test)} images), ONNX Runtime CPU, 2 threads, "
-          f"latency: median of 5 alternating rounds of {max(1, args.runs // 5)} runs")  # fmt: skip
+          f"latency: median of {ROUNDS} alternating rounds of {max(1, args.runs // ROUNDS)} runs")  # fmt: skip
     print_table(rows)
     print()
     for line in checks:

@@ -60,7 +60,6 @@ def convert_to_int8(
     inits = {t.name: t for t in graph.initializer}
     _bypass_identities_of_initializers(graph, inits)
     consumers = _consumers(graph)
-    producers = {out: node.op_type for node in graph.node for out in node.output}
     nodes_by_output = {out: node for node in graph.node for out in node.output}
     weights = 0
     activations = 0
@@ -75,7 +74,7 @@ def convert_to_int8(
             weights += 1
         else:
             if flavor == "int8-ort":
-                _to_unsigned(node, inits, consumers, after_relu=producers.get(node.input[0]) == "Relu")
+                _to_unsigned(node, inits, consumers, after_relu=_quantizes_relu(node, nodes_by_output))
             activations += 1
     if weights == 0:
         raise ExportError("the model has no quantized weights: int8 export needs a quantize stage before it")
@@ -135,6 +134,11 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
+def _quantizes_relu(quant: onnx.NodeProto, nodes_by_output: dict[str, onnx.NodeProto]) -> bool:
+    producer = nodes_by_output.get(quant.input[0])
+    return producer is not None and producer.op_type == "Relu"
+
+
 def _reads_relu(
     weight_quant: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], nodes_by_output: dict[str, onnx.NodeProto]
 ) -> bool:
@@ -144,10 +148,9 @@ def _reads_relu(
     if not layers:
         return False
     for layer in layers:
-        chain = [nodes_by_output.get(layer.input[0])]
-        for _ in range(2):
-            chain.append(nodes_by_output.get(chain[-1].input[0]) if chain[-1] is not None else None)
-        if [n.op_type if n is not None else None for n in chain] != ["DequantizeLinear", "QuantizeLinear", "Relu"]:
+        dequant = nodes_by_output.get(layer.input[0])
+        quant = nodes_by_output.get(dequant.input[0]) if dequant is not None and dequant.op_type == "DequantizeLinear" else None
+        if quant is None or quant.op_type != "QuantizeLinear" or not _quantizes_relu(quant, nodes_by_output):
             return False
     return True
 

@@ -19,10 +19,11 @@ from compress.data import DataSplits
 from compress.errors import BadInput
 from compress.models.registry import get_builtin
 from compress.optim import DOT
-from compress.passes.distill_dot import DistillDotConfig, distill, distill_dot, kd_loss, resolve_teacher
+from compress.passes.distill_dot import DistillDotConfig, distill, distill_dot, resolve_teacher
 from compress.recipe import parse_recipe
 from compress.sparsity import apply_masks, magnitude_masks, prunable_layers, sparsity_stats
 from compress.state import ModelState, StageContext
+from compress.train import kd_loss
 
 W_CE, W_KD, T, LR, MU, WD = 0.1, 0.9, 4.0, 0.05, 0.9, 5e-4
 
