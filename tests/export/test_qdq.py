@@ -69,7 +69,8 @@ def test_weights_are_integer_initializers_feeding_dequantize(files: dict) -> Non
         quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
         assert len(quantize) == files["n_act"], flavor  # only activations are quantized at run time
         assert not any(n.input[0] in inits for n in quantize)
-        weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+        weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                     and inits[n.input[0]].data_type != TensorProto.INT32]  # int8-ort: int32 biases too
         assert len(weight_dq) == files["n_layers"]
         assert all(inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.UINT8) for n in weight_dq)
         assert not any(t.data_type == TensorProto.FLOAT and len(t.dims) == 4 for t in graph.initializer)
@@ -160,3 +161,39 @@ def test_weights_reached_through_identity_are_folded(files: dict) -> None:
         graph = convert_to_int8(proto, flavor).graph
         assert not [n for n in graph.node if n.op_type == "Identity"]
         assert len([n for n in graph.node if n.op_type == "QuantizeLinear"]) == files["n_act"], flavor
+
+
+def _ort_optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_ort_flavor_runs_the_tail_on_integers(files: dict, tmp_path: Path) -> None:
+    graph = onnx.load(str(files["int8-ort"])).graph
+    by_output = {o: n for n in graph.node for o in n.output}
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    assert by_output[flatten.input[0]].op_type == "QuantizeLinear"  # moved before the reshape
+    inits = {t.name: t for t in graph.initializer}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    assert inits[by_output[gemm.input[2]].input[0]].data_type == TensorProto.INT32
+    ops = _ort_optimized_ops(files["int8-ort"], tmp_path)
+    assert "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
+    assert "Gemm" not in ops and "GlobalAveragePool" not in ops and "Conv" not in ops, ops
+    # the rewrites move no value: the file computes what the TensorRT flavor computes, up to the unsigned grid
+    x = np.random.default_rng(1).random((64, 1, 16, 16), dtype=np.float32)
+    match = parity(predict(_unoptimized(files["int8-trt"]), x), predict(_unoptimized(files["int8-ort"]), x))
+    assert match["top1_agreement"] >= 0.95, match
+
+
+def test_off_grid_biases_stay_float(files: dict) -> None:
+    proto = onnx.load(str(files["fake"]))
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in proto.graph.initializer if t.name == gemm.input[2])
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 1e-3  # far more than float32 error, far less than a step could hide
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    graph = convert_to_int8(proto, "int8-ort").graph
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    assert gemm.input[2] == bias.name  # the float bias, not an int32 one rounded away from the model
