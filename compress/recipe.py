@@ -225,6 +225,18 @@ class Recipe(StrictModel):
             raise ValueError(f"export.onnx.precisions: {int8[0]} needs a quantize stage (quantize.adaround or quantize.rtn)")
         return self
 
+    @model_validator(mode="after")
+    def _tensorrt_needs_signed_activations(self) -> Recipe:
+        if self.export is None or "int8-trt" not in self.export.onnx.precisions:
+            return self
+        for stage in self.stages:
+            if stage.pass_name.startswith("quantize.") and stage.params.get("unsigned_symmetric") is True:
+                raise ValueError(
+                    f"export.onnx.precisions: int8-trt needs signed activations (TensorRT's int8), but stage "
+                    f"{stage.name!r} sets unsigned_symmetric: true; export int8-ort or drop that option"
+                )
+        return self
+
     @field_validator("stages")
     @classmethod
     def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:

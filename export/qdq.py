@@ -83,6 +83,11 @@ def convert_to_int8(
         else:
             if flavor == "int8-ort":
                 _to_unsigned(node, inits, consumers, after_relu=_quantizes_relu(node, nodes_by_output))
+            elif _zero_point(node, inits) != 0:
+                raise ExportError(
+                    f"int8-trt: activation quantizer {node.name} has zero point {_zero_point(node, inits)} (an "
+                    "unsigned grid: quantize's unsigned_symmetric); TensorRT's int8 needs zero point 0, export int8-ort"
+                )
             activations += 1
     if weights == 0:
         raise ExportError("the model has no quantized weights: int8 export needs a quantize stage before it")
@@ -211,16 +216,22 @@ def _fold_weight_quantizer(
             user.input[2] = zero_name
 
 
+def _zero_point(quant: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
+    return int(numpy_helper.to_array(inits[quant.input[2]])) if len(quant.input) > 2 and quant.input[2] else 0
+
+
 def _to_unsigned(
     quant: onnx.NodeProto,
     inits: dict[str, onnx.TensorProto],
     consumers: dict[str, list[onnx.NodeProto]],
     after_relu: bool,
 ) -> None:
+    """A signed activation quantizer as uint8: zero point 0 -> 128 (0 after a ReLU, see the module
+    docstring); an unsigned one (int8 zero point -128, unsigned_symmetric) is exactly uint8 with zero point 0."""
     zero = numpy_helper.to_array(inits[quant.input[2]]) if len(quant.input) > 2 and quant.input[2] else None
-    if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
-        raise ExportError(f"{quant.name}: expected a signed int8 activation quantizer with zero point 0")
-    name = _UINT8_ZERO_RELU if after_relu else _UINT8_ZERO
+    if zero is None or zero.dtype != np.int8 or zero.size != 1 or int(zero) not in (0, -128):
+        raise ExportError(f"{quant.name}: expected an int8 activation quantizer with zero point 0 or -128")
+    name = _UINT8_ZERO_RELU if after_relu or int(zero) == -128 else _UINT8_ZERO
     quant.input[2] = name
     for user in consumers.get(quant.output[0], []):
         if user.op_type != "DequantizeLinear":

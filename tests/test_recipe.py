@@ -37,6 +37,11 @@ def test_stage_params_are_typed(tiny_recipe: dict) -> None:
         (lambda r: r.update(version=2), "version:"),
         (lambda r: r["export"]["onnx"].update(precisions=["int8"]), "int8-ort needs a quantize stage"),
         (lambda r: r["export"]["onnx"].update(precisions=["fp32", "fp32"]), "export.onnx.precisions: each precision once"),
+        (
+            lambda r: (r["stages"].append({"name": "q", "pass": "quantize.rtn", "params": {"unsigned_symmetric": True}}),
+                       r["export"]["onnx"].update(precisions=["int8-trt"])),
+            "int8-trt needs signed activations (TensorRT's int8), but stage 'q' sets unsigned_symmetric: true",
+        ),
     ],
 )
 def test_bad_recipes_name_the_field(tiny_recipe: dict, mutate, expected: str) -> None:

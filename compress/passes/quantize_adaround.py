@@ -71,6 +71,11 @@ class QuantizeConfig(StrictModel):
         "(ONNX Runtime then runs every conv and add in integer: the fast int8-ort file)",
     )
     act_percentile: float = Field(99.99, gt=50, le=100)
+    unsigned_symmetric: bool = Field(
+        False,
+        description="activations that calibration finds nonnegative (ReLU outputs) use the unsigned grid: "
+        "all 256 levels on [0, amax]. ONNX Runtime (int8-ort) only: TensorRT's int8 is signed",
+    )
 
     @field_validator("activation_bits", mode="before")
     @classmethod
@@ -143,8 +148,9 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
     samples = cfg.calibration_samples or ctx.calibration_samples
     inputs, _ = dataset_tensors(calibration_subset(ctx.data.train, samples, ctx.seed))
     amax = calibrate_activations(
-        model, inputs, cfg.act_calibration, percentile=cfg.act_percentile, device=ctx.device
-    )
+        model, inputs, cfg.act_calibration, percentile=cfg.act_percentile, device=ctx.device,
+        unsigned_symmetric=cfg.unsigned_symmetric,
+    )  # fmt: skip
     for name, layer in quant_layers(model).items():
         set_rtn(layer, state.masks.get(f"{name}.weight"), cfg.weight_grid)
     if auto is not None:

@@ -1,7 +1,9 @@
 """Activation ranges from calibration data: min-max, percentile or MSE, per quantizer.
 
-One pass records max|x|; percentile and MSE take a second pass that fills a histogram of |x| over
-[0, max|x|] and choose amax from it (symmetric grid, so the sign does not matter).
+One pass records max|x| (and whether x went negative); percentile and MSE take a second pass that fills
+a histogram of |x| over [0, max|x|] and choose amax from it (symmetric grid, so the sign does not matter).
+With unsigned_symmetric, a tensor that never went negative on the calibration data gets the unsigned grid:
+all 2^bits levels on [0, amax] (twice the resolution of the symmetric grid's nonnegative half).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ BINS = 4096
 class _AbsMax:
     def __init__(self) -> None:
         self.amax = 0.0
+        self.negative = False
 
     def __call__(self, x: Tensor) -> None:
         if x.numel():
             self.amax = max(self.amax, float(x.abs().max()))
+            self.negative = self.negative or bool(x.min() < 0)
 
 
 class _Histogram:
@@ -80,9 +84,11 @@ def calibrate_activations(
     percentile: float = 99.99,
     batch_size: int = 256,
     device: torch.device = torch.device("cpu"),
+    unsigned_symmetric: bool = False,
 ) -> dict[str, float]:
-    """Set every ActQuant's scale from the float (BN-folded) model's activations, then round the layers'
-    biases onto their int32 grids (graph.snap_biases); returns name -> amax."""
+    """Set every ActQuant's scale (and, with unsigned_symmetric, its zero point) from the float (BN-folded)
+    model's activations, then round the layers' biases onto their int32 grids (graph.snap_biases);
+    returns name -> amax."""
     quantizers = act_quantizers(model)
     if not quantizers:
         return {}
@@ -93,6 +99,7 @@ def calibrate_activations(
             q.mode, q.observer = "observe", absmax[name]
         _run(model, inputs, batch_size, device)
         amax = {name: obs.amax for name, obs in absmax.items()}
+        unsigned = {name: unsigned_symmetric and not obs.negative for name, obs in absmax.items()}
         if method != "minmax":
             hists = {name: _Histogram(amax[name]) for name in quantizers}
             for name, q in quantizers.items():
@@ -100,14 +107,16 @@ def calibrate_activations(
             _run(model, inputs, batch_size, device)
             for name, q in quantizers.items():
                 amax[name] = (
-                    percentile_amax(hists[name], percentile) if method == "percentile" else mse_amax(hists[name], q.qmax)
+                    percentile_amax(hists[name], percentile)
+                    if method == "percentile"
+                    else mse_amax(hists[name], q.qmax - q.qmin if unsigned[name] else q.qmax)
                 )
     finally:
         for q in quantizers.values():
             q.observer = None
         set_float(model, False)
     for name, q in quantizers.items():
-        q.set_amax(amax[name])
+        q.set_amax(amax[name], unsigned=unsigned[name])
     if isinstance(model, fx.GraphModule):
         snap_biases(model)
     return amax

@@ -1,7 +1,9 @@
 """Quantized modules whose forward is, op for op, the ONNX QDQ graph they export to.
 
-- ActQuant: round(x / scale) half to even, saturated, times scale, zero point 0: ONNX QuantizeLinear
-  then DequantizeLinear, bit for bit; it exports to that pair.
+- ActQuant: round(x / scale) half to even, plus the zero point, saturated, minus the zero point, times
+  scale: ONNX QuantizeLinear then DequantizeLinear, bit for bit; it exports to that pair. The zero point
+  is 0 (symmetric, TensorRT's form) or the grid's minimum (unsigned_symmetric: a tensor calibration found
+  nonnegative uses all 256 levels on [0, amax], as AIMET's unsigned symmetric quantizers do).
 - QuantLayer: a Conv1d/2d/3d or Linear whose weight is int8 integers times a per-channel scale. The
   weight goes through fake_quantize_per_channel_affine, which returns the same values (they are on the
   grid already) and makes the export carry per-channel weight Q/DQ with axis 0, as TensorRT wants.
@@ -25,50 +27,69 @@ class QuantDequant(torch.autograd.Function):
 
     Not torch.fake_quantize_per_tensor_affine: it multiplies by 1/scale, which differs from ONNX's
     x / scale in the last bit, enough to send exact ties (common: image pixels are binary fractions)
-    to the other side. The exporter writes this as a Q/DQ pair with a constant zero point 0.
+    to the other side. The exporter writes this as a Q/DQ pair with a constant zero point.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, zero_point: int) -> Tensor:  # noqa: ANN001
         q = torch.round(x / scale)
+        if zero_point:  # (an added 0 breaks torch's ONNX exporter: its peephole pass fails on the PythonOp)
+            q = q + zero_point
         ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return torch.clamp(q, qmin, qmax) * scale
+        q = torch.clamp(q, qmin, qmax)
+        return (q - zero_point if zero_point else q) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None  # straight-through inside the range
+        return grad * inside, None, None, None, None  # straight-through inside the range
 
     @staticmethod
-    def symbolic(g, x, scale, qmin: int, qmax: int):  # noqa: ANN001, ANN205
+    def symbolic(g, x, scale, qmin: int, qmax: int, zero_point: int):  # noqa: ANN001, ANN205
         dtype = torch.int8 if qmax <= 127 else torch.int16  # int16 Q/DQ needs opset 21
-        zero = g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
+        zero = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero), scale, zero)
 
 
 class ActQuant(nn.Module):
-    """Per-tensor symmetric fake quantization of an activation; `observe` mode feeds a calibrator."""
+    """Per-tensor fake quantization of an activation, symmetric or unsigned (zero point at the grid's
+    minimum); `observe` mode feeds a calibrator."""
 
     def __init__(self, bits: int = 8) -> None:
         super().__init__()
         self.bits = bits
         self.qmin, self.qmax = activation_range(bits)
         self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.mode: ActMode = "quant"
         self.observer = None  # set by compress.quant.calibrate while observing
+        self._zero = 0  # the buffer as a Python int: tracing for export reads it without a tensor->int conversion
 
-    def set_amax(self, amax: float) -> None:
-        self.scale.fill_(max(float(amax), MIN_SCALE) / self.qmax)
+    @property
+    def unsigned(self) -> bool:
+        return self._zero != 0
+
+    def set_amax(self, amax: float, *, unsigned: bool = False) -> None:
+        levels = self.qmax - self.qmin if unsigned else self.qmax
+        self.scale.fill_(max(float(amax), MIN_SCALE) / levels)
+        self._zero = self.qmin if unsigned else 0
+        self.zero_point.fill_(self._zero)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        # checkpoints written before unsigned quantizers existed have no zero point: theirs is 0
+        state_dict.setdefault(prefix + "zero_point", torch.tensor(0, dtype=torch.int32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._zero = int(self.zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "quant":
-            return QuantDequant.apply(x, self.scale, self.qmin, self.qmax)
+            return QuantDequant.apply(x, self.scale, self.qmin, self.qmax, self._zero)
         if self.mode == "observe" and self.observer is not None:
             self.observer(x.detach())
         return x
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scale={float(self.scale):.6g}"
+        return f"bits={self.bits}, scale={float(self.scale):.6g}" + (", unsigned" if self.unsigned else "")
 
 
 class QuantLayer(nn.Module):

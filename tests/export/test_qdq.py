@@ -23,7 +23,7 @@ from export.ort_runner import ort_session, parity, predict
 from export.qdq import U8S8_SAFE_WEIGHT, convert_to_int8
 
 
-def _quantized_resnet8(bits: int, residual: str) -> torch.nn.Module:
+def _quantized_resnet8(bits: int, residual: str, unsigned_symmetric: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = resnet8(in_channels=1, num_classes=10, width=16).eval()
     plan = make_plan(model, weight_bits=bits, activation_bits=8, layer_bits={}, skip=[], first_last_8bit=False,
@@ -32,7 +32,7 @@ def _quantized_resnet8(bits: int, residual: str) -> torch.nn.Module:
     for layer in quant_layers(q).values():
         layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, "minmax"))
         set_rtn(layer, None)
-    calibrate_activations(q, torch.rand(64, 1, 16, 16), "minmax")
+    calibrate_activations(q, torch.rand(64, 1, 16, 16), "minmax", unsigned_symmetric=unsigned_symmetric)
     for layer in quant_layers(q).values():
         layer.drop_float_weight()
     return q.eval()
@@ -197,3 +197,23 @@ def test_off_grid_biases_stay_float(files: dict) -> None:
     graph = convert_to_int8(proto, "int8-ort").graph
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     assert gemm.input[2] == bias.name  # the float bias, not an int32 one rounded away from the model
+
+
+def test_unsigned_activations_ship_as_int8_ort_exactly_and_never_as_int8_trt(tmp_path: Path) -> None:
+    q = _quantized_resnet8(8, "both", unsigned_symmetric=True)
+    unsigned = [quantizer for quantizer in act_quantizers(q).values() if quantizer.unsigned]
+    assert unsigned, "ReLU outputs (and this test's nonnegative input) calibrate unsigned"
+    fake = export_onnx(q, torch.rand(1, 1, 16, 16), tmp_path / "fake.onnx")
+    with pytest.raises(ExportError, match="int8-trt: activation quantizer .* zero point -128"):
+        convert_to_int8(fake, "int8-trt")
+    path = tmp_path / "int8-ort.onnx"
+    onnx.save(convert_to_int8(fake, "int8-ort"), str(path))
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    zeros = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.uint8 for z in zeros) and sum(int(z) == 0 for z in zeros) >= len(unsigned)
+    x = np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        expected = q(torch.from_numpy(x)).numpy()
+    # unoptimized ORT computes the file's Q/DQ arithmetic: the unsigned grid is uint8 with zero point 0 exactly
+    assert np.abs(predict(_unoptimized(path), x) - expected).max() < 1e-4

@@ -290,3 +290,46 @@ def test_activation_calibration(method: str) -> None:
     assert set(amax) == set(act_quantizers(q)) and all(v > 0 for v in amax.values())
     for name, quantizer in act_quantizers(q).items():
         assert float(quantizer.scale) == pytest.approx(amax[name] / 127, rel=1e-6)
+
+
+def test_unsigned_act_quant_is_onnx_quantize_linear_with_its_zero_point(tmp_path: Path) -> None:
+    from export.onnx_export import export_onnx
+    from export.ort_runner import ort_session, predict
+
+    quantizer = ActQuant(8)
+    quantizer.set_amax(255 * 0.25, unsigned=True)
+    assert float(quantizer.scale) == 0.25 and int(quantizer.zero_point) == -128
+    steps = torch.arange(-20, 540, dtype=torch.float32) * 0.5
+    x = (steps * 0.25).view(1, -1)
+    path = export_onnx(quantizer, x, tmp_path / "act.onnx")
+    assert np.array_equal(predict(ort_session(path), x.numpy()), quantizer(x).numpy())
+    expected = quantizer(x).numpy()
+    assert expected.min() == 0 and expected.max() == 255 * 0.25  # 256 levels on [0, amax]
+    # the zero point survives a checkpoint round trip, and an old checkpoint without one loads as symmetric
+    loaded = ActQuant(8)
+    loaded.load_state_dict(quantizer.state_dict())
+    assert loaded.unsigned and torch.equal(loaded(x), quantizer(x))
+    old = {k: v for k, v in quantizer.state_dict().items() if k != "zero_point"}
+    loaded.load_state_dict(old)
+    assert not loaded.unsigned
+
+
+def test_unsigned_symmetric_calibration_only_for_nonnegative_tensors() -> None:
+    model = _trained_like()
+    inputs = torch.randn(32, 3, 12, 12)  # the network input has negatives: it stays symmetric
+    q = build(model, _plan(model))
+    amax = calibrate_activations(q, inputs, "mse", unsigned_symmetric=True)
+    quantizers = act_quantizers(q)
+    unsigned = {name for name, quantizer in quantizers.items() if quantizer.unsigned}
+    assert unsigned and unsigned != set(quantizers)
+    with torch.no_grad():
+        for name, quantizer in quantizers.items():
+            levels = 255 if name in unsigned else 127
+            assert float(quantizer.scale) == pytest.approx(amax[name] / levels, rel=1e-6)
+    signed = build(model, _plan(model))
+    calibrate_activations(signed, inputs, "mse")
+    assert not any(quantizer.unsigned for quantizer in act_quantizers(signed).values())
+    # same range, twice the levels: the unsigned step is 127/255 of the symmetric one
+    signed_quantizers = act_quantizers(signed)
+    for name in unsigned:
+        assert float(quantizers[name].scale) < 0.6 * float(signed_quantizers[name].scale)
