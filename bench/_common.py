@@ -41,10 +41,16 @@ def test_top1(model: nn.Module, data: DataSplits) -> float:
 
 
 def ort_quantize_static(
-    fp32: Path, data: DataSplits, out: Path, *, unsigned_activations: bool, symmetric_activations: bool = False
+    fp32: Path,
+    data: DataSplits,
+    out: Path,
+    *,
+    unsigned_activations: bool,
+    symmetric_activations: bool = False,
+    calibration_seed: int = 1,
 ) -> Path:
     """The peer: ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, MinMax) on 1,024 calibration
-    images drawn like our passes draw them. uint8 activations are its CPU default; int8 activations are
+    images drawn like our passes draw them (with calibration_seed as a stage's seed). uint8 activations are its CPU default; int8 activations are
     asymmetric (a zero point per tensor: post-ReLU ranges get all 256 levels) unless symmetric_activations,
     TensorRT's form (zero point 0, what our quantizers produce: 128 levels for a post-ReLU range)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -52,7 +58,7 @@ def ort_quantize_static(
 
     from compress.data import calibration_subset, dataset_tensors
 
-    calib, _ = dataset_tensors(calibration_subset(data.train, 1024, 1))
+    calib, _ = dataset_tensors(calibration_subset(data.train, 1024, calibration_seed))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

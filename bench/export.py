@@ -9,8 +9,10 @@ CPU-fast form) written from the same integers, and int8-ort with int8_ort_weight
 kept signed: faster on x86 without VNNI, where ONNX Runtime's u8 x s8 kernel may saturate); ONNX Runtime's own quantize_static (QDQ, per-channel int8
 weights, uint8 activations, MinMax on 1,024 calibration images) as the peer. Columns: test
 accuracy, top-1 agreement with the torch model it came from, file size and latency at batch 1 and 64 as
-ratios to fp32 (2 threads, all in this one process; every file timed in each of 5 alternating rounds of
---runs / 5 runs, the median kept, so drifting load on a shared machine hits all files alike).
+ratios to fp32 (2 threads, all in this one process; every file timed in each of --rounds alternating
+rounds of --runs / --rounds runs, the median kept, so drifting load on a shared machine hits all files
+alike). The int8-ort vs peer comparison also prints the per-round speed ratio (median and range): the
+two files run the same integer kernels, so only many rounds tell a small difference from noise.
 """
 from __future__ import annotations
 
@@ -70,14 +72,15 @@ def quantize(model: torch.nn.Module, data, bits: int, iterations: int) -> torch.
 
 
 ROUNDS = 5
+PEER_ROW = "peer: ORT quantize_static W8A8 (u8 act)"
 
 
 def interleaved_latency(
     files: dict[str, Path], sample_shape: tuple[int, ...], runs: int, rounds: int = ROUNDS
-) -> dict[str, dict[str, float]]:
-    """Median latency per file over `rounds` rounds that each time every file in turn (runs / rounds runs
-    per batch size a round): load that drifts during the bench (a shared machine) hits every file alike,
-    where timing one file after another would charge it to whichever ran then."""
+) -> dict[str, list[dict[str, float]]]:
+    """Each file's latency per round, over `rounds` rounds that each time every file in turn (runs / rounds
+    runs per batch size a round): load that drifts during the bench (a shared machine) hits every file
+    alike, where timing one file after another would charge it to whichever ran then."""
     from export.ort_runner import measure_latency, ort_session
 
     sessions = {name: ort_session(path, threads=2) for name, path in files.items()}
@@ -86,10 +89,17 @@ def interleaved_latency(
         for name, session in sessions.items():
             timing = measure_latency(session, sample_shape, warmup=3, runs=max(1, runs // rounds), threads=2)
             per_round[name].append(timing)
-    return {
-        name: {key: float(np.median([r[key] for r in results])) for key in ("batch1", "batch64")}
-        for name, results in per_round.items()
-    }
+    return per_round
+
+
+def median_latency(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.median([r[key] for r in rounds])) for key in ("batch1", "batch64")}
+
+
+def round_ratios(faster: list[dict[str, float]], slower: list[dict[str, float]], key: str) -> str:
+    """slower / faster per round (above 1: `faster` is), as median (min-max) over the rounds."""
+    ratios = [b[key] / a[key] for a, b in zip(faster, slower)]
+    return f"{np.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
 
 
 def row(name: str, entry: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
@@ -117,6 +127,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200, help="AdaRound iterations per layer")
     parser.add_argument("--runs", type=int, default=100, help="latency runs per batch size")
     parser.add_argument("--bits", default="8,4", help="weight widths to quantize to")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating timing rounds")
     args = parser.parse_args()
     if args.quick:
         args.iterations, args.runs, args.bits = 50, 30, "8"
@@ -130,7 +141,7 @@ def main() -> None:
         named += [("fp32", fp32, work / "float" / "model.fp32.onnx"), ("fp16", floats["fp16"], work / "float" / "model.fp16.onnx")]
         torch_logits, _ = torch_predict(model, data.test)
         peer = peer_quantize_static(work / "float" / "model.fp32.onnx", data, work, torch_logits.numpy())
-        named.append(("peer: ORT quantize_static W8A8 (u8 act)", peer, work / "peer.int8.onnx"))
+        named.append((PEER_ROW, peer, work / "peer.int8.onnx"))
         results: dict[int, tuple[dict, dict]] = {}
         for bits in (int(b) for b in args.bits.split(",")):
             print(f"quantizing W{bits}A8 with AdaRound ({args.iterations} iterations per layer) ...", flush=True)
@@ -143,9 +154,10 @@ def main() -> None:
                           work / f"w{bits}-signed" / "model.int8-ort.onnx"))  # fmt: skip
             results[bits] = (ours, signed["int8-ort"])
         print(f"timing {len(named)} files in alternating rounds ...", flush=True)
-        latency = interleaved_latency({name: path for name, _, path in named}, tuple(data.test[0][0].shape), args.runs)
+        rounds = interleaved_latency({name: path for name, _, path in named}, tuple(data.test[0][0].shape),
+                                     args.runs, args.rounds)  # fmt: skip
         for name, entry, _ in named:
-            entry["latency_ms"] = latency[name]
+            entry["latency_ms"] = median_latency(rounds[name])
     rows = [row(name, entry, fp32) for name, entry, _ in named]
     checks: list[str] = []
     for bits, (ours, signed_entry) in results.items():
@@ -162,12 +174,14 @@ def main() -> None:
             f"batch 64 {fp32['latency_ms']['batch64'] / signed_entry['latency_ms']['batch64']:.2f}x faster than fp32"
         )
         fast, b64 = ours["int8-ort"]["latency_ms"]["batch64"], fp32["latency_ms"]["batch64"]
+        ort_rounds, peer_rounds = rounds[f"ours: W{bits}A8 int8-ort"], rounds[PEER_ROW]
         checks.append(
             f"W{bits}A8 int8-ort at batch 64: {b64 / fast:.2f}x faster than fp32, "
-            f"{peer['latency_ms']['batch64'] / fast:.2f}x the peer's speed"
+            f"{peer['latency_ms']['batch64'] / fast:.2f}x the peer's speed; per round: "
+            f"batch 64 {round_ratios(ort_rounds, peer_rounds, 'batch64')}, batch 1 {round_ratios(ort_rounds, peer_rounds, 'batch1')}"
         )
     print(f"\n## Exported ResNet-20 (mnist5k test split, {len(data.test)} images), ONNX Runtime CPU, 2 threads, "
-          f"latency: median of {ROUNDS} alternating rounds of {max(1, args.runs // ROUNDS)} runs")  # fmt: skip
+          f"latency: median of {args.rounds} alternating rounds of {max(1, args.runs // args.rounds)} runs")  # fmt: skip
     print_table(rows)
     print()
     for line in checks:

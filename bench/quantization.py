@@ -4,9 +4,10 @@
                                  [--bits 8,4,3,2] [--weight-grid full|narrow]
 
 Rows: fp32; quantize.rtn with MSE and with min-max weight ranges; quantize.adaround (mean and spread
-over seeds) at W8A8, W4A8, W3A8, W2A8; ONNX Runtime's quantize_static (QDQ, per-channel, MinMax) at
-W8A8, with zero-point int8 activations and with symmetric ones (TensorRT's form, as ours), exact
-arithmetic; Qualcomm AIMET's AdaRound at each width below 8 with the same iterations, calibration images
+over seeds) at W8A8, W4A8, W3A8, W2A8, and at W8A8 again with unsigned_symmetric (ReLU outputs on the
+unsigned grid, ONNX Runtime only); ONNX Runtime's quantize_static (QDQ, per-channel, MinMax) at W8A8,
+with zero-point int8 activations and with symmetric ones (TensorRT's form, as ours), exact arithmetic;
+every W8A8 row also averaged over the same calibration draws (seeds) for ours and the peer; Qualcomm AIMET's AdaRound at each width below 8 with the same iterations, calibration images
 and batch size, run in its own virtual environment (/tmp/aimet-venv, created here when missing; skipped
 with the reason when it cannot be installed). Wall times: our whole pass (fold, ranges, calibration, AdaRound) against
 AIMET's fold + apply_adaround at the same width, both on this machine in this run (ours: the mean
@@ -49,33 +50,35 @@ def run_pass(model, data, pass_name: str, params: dict, seed: int) -> tuple[floa
     return test_top1(result.state.model, data), seconds, result.info
 
 
-def ort_peer(model, data, workdir: Path) -> str:
-    """ONNX Runtime's quantize_static W8A8 in two forms: int8 activations with a zero point (its default) and
-    symmetric (TensorRT's form, the constraint ours work under). Evaluated with graph optimizations off,
-    so the file's Q/DQ arithmetic is computed exactly: the optimized x86 kernels lose accuracy to int16
-    saturation on signed activations (ResNet-8 symmetric: 93.5% optimized, 97.9% exact), which says
-    nothing about the quantization itself."""
+def ort_peer(model, data, workdir: Path, seeds: list[int]) -> dict[bool, list[float]]:
+    """ONNX Runtime's quantize_static W8A8 in two forms, with each seed's calibration draw (as ours):
+    int8 activations with a zero point (its default) and symmetric (TensorRT's form, the constraint ours
+    work under without unsigned_symmetric); symmetric -> test accuracies. Evaluated with graph
+    optimizations off, so the file's Q/DQ arithmetic is computed exactly: the optimized x86 kernels lose
+    accuracy to int16 saturation on signed activations (ResNet-8 symmetric: 93.5% optimized, 97.9% exact),
+    which says nothing about the quantization itself. Empty when ONNX Runtime's quantization is missing."""
     try:
         import onnxruntime as ort
         import onnxruntime.quantization  # noqa: F401
     except ImportError as exc:
-        return f"skipped: {exc}"
+        print(f"  ORT peer skipped: {exc}")
+        return {}
     from export.onnx_export import export_onnx
     from export.ort_runner import predict
 
     fp32 = export_onnx(model, dataset_tensors(data.test)[0][:1], workdir / "fp32.onnx")
     x, y = dataset_tensors(data.test)
-    results = []
-    for symmetric in (False, True):
-        path = ort_quantize_static(fp32, data, workdir / f"int8-{symmetric}.onnx", unsigned_activations=False,
-                                   symmetric_activations=symmetric)  # fmt: skip
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        logits = predict(session, x.numpy())
-        accuracy = float((logits.argmax(1) == y.numpy()).mean())
-        results.append(f"{pct(accuracy)} ({'symmetric, TensorRT form' if symmetric else 'zero-point activations'})")
-    return "ORT quantize_static " + " / ".join(results)
+    results: dict[bool, list[float]] = {False: [], True: []}
+    for seed in seeds:
+        for symmetric in (False, True):
+            path = ort_quantize_static(fp32, data, workdir / f"int8-{symmetric}.onnx", unsigned_activations=False,
+                                       symmetric_activations=symmetric, calibration_seed=seed)  # fmt: skip
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            logits = predict(session, x.numpy())
+            results[symmetric].append(float((logits.argmax(1) == y.numpy()).mean()))
+    return results
 
 
 def ensure_aimet() -> str | None:
@@ -185,28 +188,33 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
     print(f"\n## {arch}: fp32 {pct(fp32)}% (test split, {len(data.test)} images)", flush=True)
     rows: list[list[str]] = []
     ours_seconds: dict[int, float] = {}
-    for bits in args.bits:
-        grid = {"weight_grid": args.weight_grid}
-        rtn_mse, _, _ = run_pass(model, data, "quantize.rtn", {"weight_bits": bits, **grid}, CALIBRATION_SEED)
-        rtn_minmax, _, _ = run_pass(model, data, "quantize.rtn",
-                                    {"weight_bits": bits, "weight_range": "minmax", **grid}, CALIBRATION_SEED)  # fmt: skip
+    widths = [(bits, False) for bits in args.bits] + ([(8, True)] if 8 in args.bits else [])
+    for bits, unsigned in widths:
+        params = {"weight_bits": bits, "weight_grid": args.weight_grid, "unsigned_symmetric": unsigned}
+        label = f"W{bits}A8" + (" unsigned_symmetric" if unsigned else "")
+        rtn_mse, _, _ = run_pass(model, data, "quantize.rtn", params, CALIBRATION_SEED)
+        rtn_minmax, _, _ = run_pass(model, data, "quantize.rtn", {**params, "weight_range": "minmax"}, CALIBRATION_SEED)
         accs, seconds = [], []
         for seed in range(1, args.seeds + 1):
-            acc, secs, info = run_pass(model, data, "quantize.adaround",
-                                       {"weight_bits": bits, "iterations": args.iterations, **grid}, seed)  # fmt: skip
+            acc, secs, info = run_pass(model, data, "quantize.adaround", {**params, "iterations": args.iterations}, seed)
             accs.append(acc)
             seconds.append(secs)
             per_layer = ", ".join(f"{layer['seconds']:.1f}" for layer in info["layers"])
             threads = "/".join(str(layer["threads"]) for layer in info["layers"])
-            print(f"  W{bits}A8 adaround seed {seed}: {pct(acc)}% in {secs:.1f}s (prepare {info['prepare_seconds']:.1f}s; "
+            print(f"  {label} adaround seed {seed}: {pct(acc)}% in {secs:.1f}s (prepare {info['prepare_seconds']:.1f}s; "
                   f"per layer: {per_layer}; threads {threads})", flush=True)  # fmt: skip
-        ours_seconds[bits] = statistics.mean(seconds)
-        rows.append([arch, f"W{bits}A8", pct(fp32), pct(rtn_mse), pct(rtn_minmax), spread(accs),
+        if not unsigned:
+            ours_seconds[bits] = statistics.mean(seconds)
+        rows.append([arch, label, pct(fp32), pct(rtn_mse), pct(rtn_minmax), spread(accs),
                      f"{statistics.mean(seconds):.1f}", "", ""])  # fmt: skip
-        print(f"  W{bits}A8: rtn mse {pct(rtn_mse)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
+        print(f"  {label}: rtn mse {pct(rtn_mse)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if 8 in args.bits:
-            rows[args.bits.index(8)][7] = ort_peer(model, data, Path(tmp))
+        if 8 in args.bits:  # like with like: symmetric beside ours, zero-point beside ours unsigned
+            peer = ort_peer(model, data, Path(tmp), list(range(1, args.seeds + 1)))
+            for symmetric, row in zip((True, False), (rows[args.bits.index(8)], rows[-1])):
+                if peer:
+                    form = "symmetric, TensorRT form" if symmetric else "zero-point activations"
+                    row[7] = f"ORT quantize_static {spread(peer[symmetric])} ({form}; same calibration draws)"
         # AIMET at every width below 8 it shares with ours: its accuracy on this very model, and the time ratio
         for bits in (b for b in args.bits if b < 8):
             peer = aimet_status or aimet_adaround(model, data, blocks, bits, args.iterations, Path(tmp))
