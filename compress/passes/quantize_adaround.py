@@ -57,7 +57,7 @@ class QuantizeConfig(StrictModel):
     layer_bits: dict[str, int] = Field(default_factory=dict, description="layer-name pattern -> weight bits")
     skip: list[str] = Field(default_factory=list, description="layer-name patterns left in float")
     first_last_8bit: bool = Field(False, description="first and last quantized layers at 8 bits")
-    weight_range: WeightRange = "mse"
+    weight_range: WeightRange = Field("auto", description="auto: sqnr at 2 bits, mse above (compress/quant/grid.py)")
     # full by default: at the same scale it is the narrow grid plus one level below -max, so the MSE range
     # search can only lower the weights' rounding error, and at low bits the level counts (W2: 4 levels
     # instead of the ternary 3; ResNet-8 W2A8 AdaRound, 500 iterations, seed 1: 69.7% narrow (200 it.),

