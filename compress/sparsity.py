@@ -11,13 +11,38 @@ from torch import nn
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """The last Linear layer in module order: the classifier, which pruning leaves alone unless asked."""
-    name = None
+def classifier_name(model: nn.Module, example: torch.Tensor | None = None) -> str | None:
+    """The output layer: the classifier, which pruning leaves alone unless asked.
+
+    With an `example` input, the last Conv/Linear a forward pass runs (SqueezeNet's classifier is a
+    1x1 convolution); without, the last Linear in module order, or the last convolution where the model
+    has no Linear at all.
+    """
+    if example is not None:
+        return output_layer_name(model, example)
+    linear = conv = None
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            name = module_name
-    return name
+            linear = module_name
+        elif isinstance(module, PRUNABLE_TYPES):
+            conv = module_name
+    return linear if linear is not None else conv
+
+
+@torch.no_grad()
+def output_layer_name(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The name of the last Conv/Linear layer that a forward pass on `example` runs (eval mode)."""
+    names = {module: name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda module, _a, _o: order.append(names[module])) for m in names]
+    was_training = model.training
+    try:
+        model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order[-1] if order else None
 
 
 def prunable_layers(
@@ -25,9 +50,11 @@ def prunable_layers(
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
     include_classifier: bool = False,
+    example: torch.Tensor | None = None,
 ) -> dict[str, nn.Module]:
-    """Conv/Linear layers selected by fnmatch patterns on module names (SparseML/ModelOpt style)."""
-    skip_classifier = None if include_classifier else classifier_name(model)
+    """Conv/Linear layers selected by fnmatch patterns on module names (SparseML/ModelOpt style); the
+    classifier (classifier_name, found by a forward pass on `example` where given) unless included."""
+    skip_classifier = None if include_classifier else classifier_name(model, example)
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES) or name == skip_classifier:
@@ -48,9 +75,14 @@ def magnitude_masks(
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning exactly round(sparsity * n) of the smallest |w| (globally or per layer).
 
-    Already-pruned weights score 0, so sparsity only grows across calls.
+    Already-pruned weights score 0, so sparsity only grows across calls. The largest weight of every
+    filter (output channel) that still has one is pruned last (keep_filters): a filter with no weight
+    left outputs a constant, so magnitude pruning would be removing channels, and, where weight scales
+    differ between layers, whole layers (global scope on a random EfficientNet-B0 emptied its later
+    depthwise convolutions, whose initial weights are 3-4x smaller than the rest, and every output became
+    the same).
     """
-    scores = _masked_scores(layers, existing or {})
+    scores = keep_filters(_masked_scores(layers, existing or {}))
     if scope == "layer":
         return {key: _keep_largest(score, sparsity) for key, score in scores.items()}
     flat = torch.cat([score.flatten() for score in scores.values()])
@@ -60,6 +92,18 @@ def magnitude_masks(
         masks[key] = keep_flat[offset : offset + score.numel()].view_as(score)
         offset += score.numel()
     return masks
+
+
+def keep_filters(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`scores` with each filter's (output channel's) largest positive score raised to +inf: pruned
+    only where a sparsity leaves fewer weights than filters."""
+    raised = {}
+    for key, score in scores.items():
+        rows = score.reshape(score.shape[0], -1) if score.dim() > 1 else score.reshape(-1, 1)
+        best = rows.argmax(dim=1, keepdim=True)
+        top = rows.gather(1, best)
+        raised[key] = rows.clone().scatter_(1, best, top.masked_fill(top > 0, math.inf)).view_as(score)
+    return raised
 
 
 def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -149,3 +149,36 @@ def predict(
         labels.append(targets)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 128, device: torch.device = torch.device("cpu")
+) -> int:
+    """BatchNorm running statistics re-measured on `dataset`: each norm's mean and variance averaged over
+    every batch (momentum None) of the model as it now is; weights untouched. Returns the norms reset.
+
+    Only the norms run in training mode (dropout and stochastic depth stay as in evaluation), so the
+    statistics are those the evaluated model meets. What pruning without fine-tuning needs: removing
+    channels or weights changes every later layer's input statistics, and with the old ones each norm
+    passes on a shrunken, offset signal (channel-pruned EfficientNet-B0: logit spread 1.6 -> 0.002).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    state = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        for inputs, _ in make_loader(dataset, batch_size, shuffle=False):
+            model(inputs.to(device))
+    finally:
+        for m, (momentum, training) in zip(norms, state):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(norms)

@@ -38,7 +38,9 @@ from compress.data import DataSplits
 from compress.models import build_model
 from compress.passes.registry import get_pass
 from compress.recipe import ModelConfig
+from compress.sparsity import output_layer_name
 from compress.state import ModelState, StageContext
+from compress.train import recalibrate_batchnorm
 
 STEPS = ("build", "prune-ch", "prune-un", "distill", "quantize", "export", "lint", "parity")
 MIN_AGREEMENT = 0.99
@@ -180,8 +182,8 @@ def random_data(zoo: ZooModel, settings: Settings) -> DataSplits:
 
 
 def build(zoo: ZooModel, settings: Settings, data: DataSplits | None = None) -> nn.Module:
-    """The model with random weights; with `data`, its output layer set by class_head (principal_head
-    where the output layer is a convolution)."""
+    """The model with random weights; with `data`, BatchNorm statistics measured on its training inputs
+    and its output layer set by class_head (principal_head where class_head cannot fit it)."""
     torch.manual_seed(settings.seed)
     model = build_model(
         ModelConfig(arch=zoo.arch, kwargs=zoo.kwargs),
@@ -197,30 +199,18 @@ def build(zoo: ZooModel, settings: Settings, data: DataSplits | None = None) -> 
     return model
 
 
-@torch.no_grad()
 def batchnorm_statistics(model: nn.Module, inputs: torch.Tensor) -> None:
     """BatchNorm running statistics measured on `inputs` (as a trained model has them), in place of the
     initial mean 0 / variance 1: with those, activations of some random networks vanish layer by layer
     (EfficientNet-B0 at 32 px ends near 1e-14), which no int8 grid can represent."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    try:
-        for start in range(0, len(inputs), 16):
-            model(inputs[start : start + 16])
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
+    recalibrate_batchnorm(model, TensorDataset(inputs, torch.zeros(len(inputs))), batch_size=16)
 
 
-def _output_layer(model: nn.Module) -> nn.Module:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+def _output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    name = output_layer_name(model, example)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} runs no Conv/Linear layer")
+    return model.get_submodule(name)
 
 
 def _output_inputs(model: nn.Module, output: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -235,30 +225,40 @@ def _output_inputs(model: nn.Module, output: nn.Module, inputs: torch.Tensor) ->
 
 @torch.no_grad()
 def class_head(model: nn.Module, centres: torch.Tensor) -> bool:
-    """A Linear output layer set to the nearest-class-mean classifier of the model's own features:
+    """The output layer set to the nearest-class-mean classifier of the model's own features:
     logit_c = (|f - m|^2 - |f - m_c|^2) / (2 s), with m_c the features of class c's prototype, m their mean
-    and s the mean |m_c - m|^2 (a sample at its class centre leads by about 1). False (nothing changed)
-    where the output layer is not a Linear on [batch, features].
+    and s the mean |m_c - m|^2 (a sample at its class centre leads by about 1). The output layer is a
+    Linear on [batch, features], or a 1x1 convolution whose outputs the model averages over positions
+    (SqueezeNet: Conv2d, ReLU, global average pool): there the features are its inputs averaged over
+    positions, and every bias is raised by one constant so that no position's output on the prototypes
+    is negative (a ReLU after it then passes them, and the pooled logits are the classifier's plus that
+    constant: the same ranking). False (nothing changed) for any other output layer.
 
     Set when the model is built and again on the pruned model before quantization: channel pruning
     replaces much of a random network's function (a random vit_b_16's logit spread fell from 1 to 0.18),
     and a head fitted to other features has near-tied logits again.
     """
-    output = _output_layer(model)
-    if not isinstance(output, nn.Linear) or output.bias is None or output.weight.shape[0] != len(centres):
+    output = _output_layer(model, centres[:1])
+    conv = isinstance(output, nn.Conv2d) and output.kernel_size == (1, 1) and output.groups == 1
+    if not (isinstance(output, nn.Linear) or conv) or output.bias is None or output.weight.shape[0] != len(centres):
         return False
-    features = _output_inputs(model, output, centres)
-    if features.dim() != 2:
-        return False
-    features = features.double()
+    seen = _output_inputs(model, output, centres).double()
+    if seen.dim() != (4 if conv else 2) or (conv and model(centres[:1]).shape != (1, len(centres))):
+        return False  # conv: only where the model pools its outputs into [batch, classes]
+    features = seen.mean(dim=(2, 3)) if conv else seen
     mean = features.mean(dim=0)
     delta = features - mean
     size = float(delta.pow(2).sum(dim=1).mean())
     if size <= 0.0:
         return False
     weight = delta / size
-    output.weight.copy_(weight.float())
-    output.bias.copy_((-weight @ mean - delta.pow(2).sum(dim=1) / (2 * size)).float())
+    bias = -weight @ mean - delta.pow(2).sum(dim=1) / (2 * size)
+    if conv:
+        at_positions = torch.einsum("nchw,kc->nkhw", seen, weight) + bias[:, None, None]
+        low, high = float(at_positions.min()), float(at_positions.max())
+        bias += max(0.0, -low) + 0.1 * (high - low)  # a margin for inputs around the prototypes
+    output.weight.copy_(weight.view_as(output.weight).float())
+    output.bias.copy_(bias.float())
     return True
 
 
@@ -273,7 +273,7 @@ def principal_head(model: nn.Module, inputs: torch.Tensor) -> None:
     principal directions, as after training, the logits follow the features' dominant variation.
     Everything else keeps its random weights (torchvision's ViT head starts as zeros: all-tied logits).
     """
-    output = _output_layer(model)
+    output = _output_layer(model, inputs[:1])
     if isinstance(output, nn.Conv2d) and (output.kernel_size != (1, 1) or output.groups != 1):
         return
     seen = _output_inputs(model, output, inputs)

@@ -110,3 +110,25 @@ def test_channel_shuffle_prunes_branch_channels_only() -> None:
     changed = {n for n in before if after[n] != before[n]}
     assert {"stage2.0.branch2.0", "stage3.0.branch2.0", "stage4.0.branch2.0"} <= changed
     assert not [n for n in changed if n.endswith(("branch1.2", "branch2.5"))]  # the shuffled channels
+
+
+def test_class_head_fits_squeezenets_convolution_head_behind_its_relu() -> None:
+    """SqueezeNet's output layer is a 1x1 convolution followed by ReLU and average pooling: class_head
+    fits it on the pooled features and lifts its biases so that the ReLU clips nothing on the prototypes,
+    so each prototype is classified as its own class (a random head's logits barely vary)."""
+    import torch
+    from torchvision.models import squeezenet1_1
+
+    from compress.zoo import class_head
+
+    torch.manual_seed(0)
+    model = squeezenet1_1(num_classes=10).eval()
+    centres = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert class_head(model, centres)
+        logits = model(centres)
+        head_out = model.classifier[1](model.features(centres))
+    assert bool((head_out >= 0).all())  # the ReLU after the head passes every position unchanged
+    assert logits.argmax(dim=1).tolist() == list(range(10))
+    top2 = logits.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 0.05

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.channels import ChannelPruner, channel_counts, count_macs, remap_masks
+from compress.data import calibration_subset
 from compress.distributed import epoch_shards
 from compress.dnr import dead_neuron_rate
 from compress.errors import BadInput
@@ -33,7 +34,7 @@ from compress.sparsity import (
     targeted_sparsity,
 )
 from compress.state import ModelState, StageContext
-from compress.train import fit
+from compress.train import fit, recalibrate_batchnorm
 
 
 class FinetuneConfig(StrictModel):
@@ -78,6 +79,11 @@ class MagnitudePruneConfig(SelectionConfig):
     ramp: float = Field(0.5, gt=0, le=1, description="gradual: share of the fine-tuning over which sparsity ramps")
     rate: float = Field(0.2, gt=0, lt=1, description="iterative: fraction of the remaining weights per round")
     rewind: bool = Field(False, description="iterative: reset surviving weights to the stage start each round")
+    recalibrate_bn: bool = Field(
+        True,
+        description="after each oneshot/iterative/nm/channels step, BatchNorm statistics re-measured on "
+        "calibration_samples training samples (the pruned layers' outputs changed)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MagnitudePruneConfig:
@@ -176,7 +182,7 @@ def step_targets(cfg: MagnitudePruneConfig, initial: float, final: float) -> lis
 
 
 def select_layers(model: nn.Module, cfg: SelectionConfig, ctx: StageContext) -> dict[str, nn.Module]:
-    layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier)
+    layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier, example=example_input(ctx))
     if not layers:
         raise BadInput(f"stage {ctx.stage_name!r}: params.targets/ignore select no Conv or Linear layer to prune")
     return layers
@@ -341,7 +347,15 @@ def _prune_step(
     target: float | None,
     teacher: nn.Module | None,
 ) -> dict[str, Any]:
-    """Measure the freshly pruned model, fine-tune it, and say what the step did."""
+    """Re-measure BatchNorm statistics (recalibrate_bn), measure the freshly pruned model, fine-tune it,
+    and say what the step did."""
+    if getattr(cfg, "recalibrate_bn", False):
+        recalibrate_batchnorm(
+            state.model,
+            calibration_subset(ctx.data.train, ctx.calibration_samples, ctx.seed),
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+        )
     metric_pruned = ctx.evaluate(state.model)
     sparsity, _, _ = targeted_sparsity(layers)
     ctx.progress.log(
@@ -398,7 +412,7 @@ def _prune_channels(
         ratios=ratios,
         global_ranking=cfg.scope == "global",
         selected=layers,
-        classifier=classifier_name(model),
+        classifier=classifier_name(model, example),
         round_to=cfg.round_to,
     )
     steps = []

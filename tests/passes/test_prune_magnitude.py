@@ -267,3 +267,74 @@ def test_channels_on_torchvision_models_export_and_match_in_onnx_runtime(arch: s
     path = export_onnx(model, x[:1], tmp_path / f"{arch}.onnx")
     got = predict(ort_session(path), x.numpy())
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_global_scope_never_empties_a_filter_of_a_small_weight_layer(small_context) -> None:
+    """Global magnitude on layers of different weight scales (a random EfficientNet's depthwise convs):
+    each filter keeps its largest weight, and the pruned count is still exact."""
+    model = _resnet8()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(1e-3)  # every weight below every other layer's
+    state, _ = _prune(model, small_context, sparsity=0.5)
+    tiny = model.layer1[0].conv1.weight
+    assert (tiny.flatten(1) != 0).sum(dim=1).tolist() == [1] * tiny.shape[0]  # one per filter, no more
+    layers = prunable_layers(model)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(_zeros(m) for m in layers.values()) == round(0.5 * total)
+
+
+def test_a_convolution_classifier_is_left_dense(small_context) -> None:
+    """SqueezeNet's classifier is a 1x1 convolution: found by a forward pass, and not pruned."""
+
+    class ConvHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+            self.classifier = nn.Sequential(nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.body(x))
+
+    torch.manual_seed(0)
+    model = ConvHead()
+    with torch.no_grad():
+        model.classifier[0].weight.mul_(1e-3)  # small enough that a global threshold would take all of it
+    _, info = _prune(model, small_context, sparsity=0.5)
+    assert "classifier.0" not in info["pruned_layers"] and _zeros(model.classifier[0]) == 0
+    assert "body.2" in info["pruned_layers"]
+
+
+def test_batchnorm_statistics_are_measured_again_after_channel_pruning(random_context) -> None:
+    """Without fine-tuning, the pruned model's norms hold statistics of inputs that no longer exist:
+    recalibrate_bn measures them on the pruned model (each BatchNorm's input has that mean and variance)."""
+    ctx = random_context(shape=(1, 16, 16), samples=32)
+    ctx.calibration_samples = ctx.batch_size = 32  # one batch: its statistics are the running ones
+    x = ctx.data.train.tensors[0]
+
+    def norm_inputs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        seen = {}
+        hooks = [
+            m.register_forward_hook(lambda m, a, _o, n=n: seen.__setitem__(n, (m, a[0])))
+            for n, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+        with torch.no_grad():
+            model.eval()(x)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    def worst_mean_error(model: nn.Module) -> float:
+        errors = [
+            float((m.running_mean - a.mean(dim=(0, 2, 3))).abs().max()) for m, a in norm_inputs(model).values()
+        ]
+        return max(errors)
+
+    stale = _resnet8(width=16, input_size=16)
+    _prune(stale, ctx, sparsity=0.5, granularity="channels", scope="layer", recalibrate_bn=False)
+    fresh = _resnet8(width=16, input_size=16)
+    _prune(fresh, ctx, sparsity=0.5, granularity="channels", scope="layer")
+    assert worst_mean_error(stale) > 0.05
+    assert worst_mean_error(fresh) < 0.01  # (train-mode normalisation divides by the biased variance)
+    for m, a in norm_inputs(fresh).values():
+        torch.testing.assert_close(m.running_var, a.var(dim=(0, 2, 3)), rtol=0.05, atol=1e-4)
