@@ -122,6 +122,8 @@ class AdaroundConfig(QuantizeConfig):
     warm_start: float = Field(0.2, ge=0, le=1)
     cache_mb: int = Field(2048, ge=1, description="memory for cached layer inputs and targets")
     threads: int | None = Field(None, ge=1, description="CPU threads for the steps; default: timed per layer")
+    bias_correction: bool = Field(False, description="after each layer's rounding, add the mean float-minus-"
+                                  "quantized output per channel (on the calibration inputs) to its bias")
 
 
 def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple[Any, dict[str, Any], Any]:
@@ -293,6 +295,7 @@ def quantize_adaround(state: ModelState, cfg: AdaroundConfig, ctx: StageContext)
         seed=ctx.seed,
         weight_grid=cfg.weight_grid,
         threads=cfg.threads,
+        bias_correction=cfg.bias_correction,
     )
     reports, subsampled = run_adaround(
         model,

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.quant.graph import quant_layers, set_float
+from compress.quant.graph import quant_layers, set_float, snap_biases
 from compress.quant.grid import WeightGrid, quantize_weight, weight_qrange
 from compress.quant.modules import QuantLayer
 
@@ -59,6 +60,7 @@ class AdaRoundSettings:
     seed: int = 0
     weight_grid: WeightGrid = "narrow"
     threads: int | None = None  # CPU: torch threads for the steps; None: measured per layer (see above)
+    bias_correction: bool = False  # after the rounding: bias += mean float-minus-quantized output per channel
 
 
 @dataclass
@@ -259,6 +261,21 @@ def optimize_layer(
     return v
 
 
+@torch.no_grad()
+def correct_bias(layer: QuantLayer, x: Tensor, y_float: Tensor) -> None:
+    """Empirical bias correction (Nagel et al. 2019; AIMET's bias_correction): the mean, per output
+    channel, of the float layer's output minus the quantized layer's on the same (quantized-model) inputs
+    is added to the bias, so the rounded weights' systematic shift does not reach the next layer."""
+    total = torch.zeros_like(layer.bias, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(x), 256):
+        error = y_float[start : start + 256] - layer.functional(x[start : start + 256], layer.weight)
+        channels = error.transpose(0, 1) if layer.kind != "Linear" else error.movedim(-1, 0)
+        total += channels.reshape(channels.shape[0], -1).double().sum(dim=1)
+        count += channels[0].numel()
+    layer.bias.add_((total / max(count, 1)).to(layer.bias.dtype))
+
+
 def run_adaround(
     model: nn.Module,
     inputs: Tensor,
@@ -316,8 +333,9 @@ def _adaround_layer(
     batch = 256
     x = _capture(model, layer, inputs[:keep], "input", batch, device)
     set_float(model, True)
-    y = act(_capture(model, layer, inputs[:keep], "output", batch, device))
+    y_pre = _capture(model, layer, inputs[:keep], "output", batch, device)
     set_float(model, False)
+    y = act(y_pre)
     report = LayerReport(name, layer.bits, samples=keep, activation=activations.get(name))
     rtn_weight = layer.weight.clone()
     report.loss_before = _eval_loss(layer, x, y, act, rtn_weight)
@@ -327,6 +345,11 @@ def _adaround_layer(
             optimize_layer(layer, x, y, act, settings, mask, generator, advance, threads)
     else:
         optimize_layer(layer, x, y, act, settings, mask, generator, threads=threads)
+    if settings.bias_correction and layer.bias is not None:
+        correct_bias(layer, x, y_pre)
+        if isinstance(model, fx.GraphModule):
+            snap_biases(model)  # back onto the int32 grid the runtimes use
+    del y_pre
     report.loss_after = _eval_loss(layer, x, y, act, layer.weight)
     report.seconds = time.perf_counter() - started
     report.extra["threads"] = threads.current

@@ -339,3 +339,26 @@ def test_unsigned_symmetric_calibration_only_for_nonnegative_tensors() -> None:
     signed_quantizers = act_quantizers(signed)
     for name in unsigned:
         assert float(quantizers[name].scale) < 0.6 * float(signed_quantizers[name].scale)
+
+
+def test_bias_correction_removes_the_mean_output_shift_of_rounding() -> None:
+    from compress.quant.adaround import correct_bias
+    from compress.quant.modules import QuantLayer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, bias=True)
+    layer = QuantLayer(conv, bits=2)
+    layer.weight_scale.copy_(weight_scales(layer.float_weight, 2, "mse", grid="full"))
+    set_rtn(layer, None, "full")
+    x = torch.rand(64, 4, 8, 8)  # nonnegative, like post-ReLU inputs: rounding shifts the mean output
+    with torch.no_grad():
+        y_float = conv(x)
+
+    def shift() -> torch.Tensor:
+        with torch.no_grad():
+            return (y_float - layer(x)).mean(dim=(0, 2, 3)).abs()
+
+    before = shift()
+    assert before.max() > 1e-2
+    correct_bias(layer, x, y_float)
+    assert shift().max() < 1e-5 < before.max()
