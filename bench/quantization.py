@@ -3,7 +3,7 @@
     python bench/quantization.py [--quick] [--iterations 500] [--seeds 3] [--models resnet20,resnet8]
                                  [--bits 8,4,3,2] [--weight-grid full|narrow]
 
-Rows: fp32; quantize.rtn with MSE and with min-max weight ranges; quantize.adaround (mean and spread
+Rows: fp32; quantize.rtn with the default weight ranges (auto: MSE, SQNR at 2 bits) and with min-max ones; quantize.adaround (mean and spread
 over seeds) at W8A8, W4A8, W3A8, W2A8, and at W8A8 again with unsigned_symmetric (ReLU outputs on the
 unsigned grid, ONNX Runtime only); ONNX Runtime's quantize_static (QDQ, per-channel, MinMax) at W8A8,
 with zero-point int8 activations and with symmetric ones (TensorRT's form, as ours), exact arithmetic;
@@ -192,7 +192,7 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
     for bits, unsigned in widths:
         params = {"weight_bits": bits, "weight_grid": args.weight_grid, "unsigned_symmetric": unsigned}
         label = f"W{bits}A8" + (" unsigned_symmetric" if unsigned else "")
-        rtn_mse, _, _ = run_pass(model, data, "quantize.rtn", params, CALIBRATION_SEED)
+        rtn_auto, _, _ = run_pass(model, data, "quantize.rtn", params, CALIBRATION_SEED)
         rtn_minmax, _, _ = run_pass(model, data, "quantize.rtn", {**params, "weight_range": "minmax"}, CALIBRATION_SEED)
         accs, seconds = [], []
         for seed in range(1, args.seeds + 1):
@@ -205,9 +205,9 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
                   f"per layer: {per_layer}; threads {threads})", flush=True)  # fmt: skip
         if not unsigned:
             ours_seconds[bits] = statistics.mean(seconds)
-        rows.append([arch, label, pct(fp32), pct(rtn_mse), pct(rtn_minmax), spread(accs),
+        rows.append([arch, label, pct(fp32), pct(rtn_auto), pct(rtn_minmax), spread(accs),
                      f"{statistics.mean(seconds):.1f}", "", ""])  # fmt: skip
-        print(f"  {label}: rtn mse {pct(rtn_mse)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
+        print(f"  {label}: rtn auto {pct(rtn_auto)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if 8 in args.bits:  # like with like: symmetric beside ours, zero-point beside ours unsigned
             peer = ort_peer(model, data, Path(tmp), list(range(1, args.seeds + 1)))
@@ -250,7 +250,7 @@ def main() -> None:
     rows = []
     for arch in args.models.split(","):
         rows += bench_model(arch, args, aimet_status)
-    header = ["model", "bits", "fp32", "rtn (mse)", "rtn (minmax)", f"adaround {args.iterations} it", "ours s",
+    header = ["model", "bits", "fp32", "rtn (auto range)", "rtn (minmax)", f"adaround {args.iterations} it", "ours s",
               "peer", "ours/AIMET time"]  # fmt: skip
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
