@@ -3,15 +3,16 @@
     python bench/quantization.py [--quick] [--iterations 500] [--seeds 3] [--models resnet20,resnet8]
                                  [--bits 8,4,3,2] [--weight-grid full|narrow]
 
-Rows: fp32; quantize.rtn with the default weight ranges (auto: MSE, SQNR at 2 bits) and with min-max ones; quantize.adaround (mean and spread
-over seeds) at W8A8, W4A8, W3A8, W2A8, and at W8A8 again with unsigned_symmetric (ReLU outputs on the
-unsigned grid, ONNX Runtime only); ONNX Runtime's quantize_static (QDQ, per-channel, MinMax) at W8A8,
-with zero-point int8 activations and with symmetric ones (TensorRT's form, as ours), exact arithmetic;
-every W8A8 row also averaged over the same calibration draws (seeds) for ours and the peer; Qualcomm AIMET's AdaRound at each width below 8 with the same iterations, calibration images
-and batch size, run in its own virtual environment (/tmp/aimet-venv, created here when missing; skipped
-with the reason when it cannot be installed). Wall times: our whole pass (fold, ranges, calibration, AdaRound) against
-AIMET's fold + apply_adaround at the same width, both on this machine in this run (ours: the mean
-over seeds).
+Rows: fp32; quantize.rtn with the default weight ranges (auto: MSE, SQNR at 2 bits) and with min-max ones;
+quantize.adaround (mean and spread over seeds) at W8A8, W4A8, W3A8, W2A8, and at W8A8 again with
+unsigned_symmetric (ReLU outputs on the unsigned grid, ONNX Runtime only); ONNX Runtime's quantize_static
+(QDQ, per-channel, MinMax) at W8A8, with zero-point int8 activations and with symmetric ones (TensorRT's
+form, as ours), exact arithmetic; every W8A8 row also averaged over the same calibration draws (seeds) for
+ours and the peer; Qualcomm AIMET's AdaRound at each width below 8 with the same iterations, calibration
+images and batch size, run in its own virtual environment (/tmp/aimet-venv, created here when missing;
+skipped with the reason when it cannot be installed). Wall times: our whole pass (fold, ranges, calibration,
+AdaRound) against AIMET's fold + apply_adaround at the same width, both on this machine in this run (ours:
+the mean over seeds).
 """
 from __future__ import annotations
 
