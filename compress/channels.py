@@ -18,7 +18,7 @@ from torch import nn
 
 from compress.attention import HeadAttention, UnsupportedLayer, attention_modules
 from compress.errors import BadInput
-from compress.sparsity import PRUNABLE_TYPES
+from compress.sparsity import PRUNABLE_TYPES, output_layer_name
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -187,19 +187,8 @@ def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple
 
 def _output_layer(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """The last Conv/Linear a forward pass runs: its outputs are the model's (SqueezeNet ends in a conv)."""
-    order: list[nn.Module] = []
-    handles = [
-        m.register_forward_hook(lambda module, _args, _out: order.append(module))
-        for m in model.modules()
-        if isinstance(m, PRUNABLE_TYPES)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order[-1:]
+    name = output_layer_name(model, example)
+    return [model.get_submodule(name)] if name is not None else []
 
 
 def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:

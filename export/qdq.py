@@ -68,7 +68,7 @@ def convert_to_int8(
     inits = {t.name: t for t in graph.initializer}
     _bypass_identities_of_initializers(graph, inits)
     consumers = _consumers(graph)
-    nodes_by_output = {out: node for node in graph.node for out in node.output}
+    nodes_by_output = _producers(graph)
     weights = 0
     activations = 0
     removed: list[onnx.NodeProto] = []
@@ -83,10 +83,10 @@ def convert_to_int8(
         else:
             if flavor == "int8-ort":
                 _to_unsigned(node, inits, consumers, after_relu=_quantizes_relu(node, nodes_by_output))
-            elif _zero_point(node, inits) != 0:
+            elif (zero := _activation_zero_point(node, inits)) is not None and np.any(zero != 0):
                 raise ExportError(
-                    f"int8-trt: activation quantizer {node.name} has zero point {_zero_point(node, inits)} (an "
-                    "unsigned grid: quantize's unsigned_symmetric); TensorRT's int8 needs zero point 0, export int8-ort"
+                    f"int8-trt: activation quantizer {node.name} has zero point {zero} (an unsigned grid: "
+                    "quantize's unsigned_symmetric); TensorRT's int8 needs zero point 0, export int8-ort"
                 )
             activations += 1
     if weights == 0:
@@ -148,6 +148,10 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             users.setdefault(name, []).append(node)
     return users
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
 
 
 def _quantizes_relu(quant: onnx.NodeProto, nodes_by_output: dict[str, onnx.NodeProto]) -> bool:
@@ -216,8 +220,8 @@ def _fold_weight_quantizer(
             user.input[2] = zero_name
 
 
-def _zero_point(quant: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
-    return int(numpy_helper.to_array(inits[quant.input[2]])) if len(quant.input) > 2 and quant.input[2] else 0
+def _activation_zero_point(quant: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    return numpy_helper.to_array(inits[quant.input[2]]) if len(quant.input) > 2 and quant.input[2] else None
 
 
 def _to_unsigned(
@@ -228,7 +232,7 @@ def _to_unsigned(
 ) -> None:
     """A signed activation quantizer as uint8: zero point 0 -> 128 (0 after a ReLU, see the module
     docstring); an unsigned one (int8 zero point -128, unsigned_symmetric) is exactly uint8 with zero point 0."""
-    zero = numpy_helper.to_array(inits[quant.input[2]]) if len(quant.input) > 2 and quant.input[2] else None
+    zero = _activation_zero_point(quant, inits)
     if zero is None or zero.dtype != np.int8 or zero.size != 1 or int(zero) not in (0, -128):
         raise ExportError(f"{quant.name}: expected an int8 activation quantizer with zero point 0 or -128")
     name = _UINT8_ZERO_RELU if after_relu or int(zero) == -128 else _UINT8_ZERO
@@ -244,7 +248,7 @@ def _quantize_before_reshapes(graph: onnx.GraphProto) -> None:
     nothing else: the reshape then moves integers, and the op before it meets its Q directly."""
     consumers = _consumers(graph)
     inits = {t.name: t for t in graph.initializer}
-    nodes_by_output = {out: node for node in graph.node for out in node.output}
+    nodes_by_output = _producers(graph)
     for quant in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]:
         reshape = nodes_by_output.get(quant.input[0])
         if reshape is None or reshape.op_type not in ("Flatten", "Reshape") or len(consumers[reshape.output[0]]) != 1:
@@ -264,7 +268,7 @@ def _int32_biases(graph: onnx.GraphProto) -> None:
     scale x weight scale where they lie on that grid (off-grid ones stay float: rounding them here would
     change the result)."""
     inits = {t.name: t for t in graph.initializer}
-    nodes_by_output = {out: node for node in graph.node for out in node.output}
+    nodes_by_output = _producers(graph)
     for layer in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in inits]:
         if _float_attr(layer, "beta", 1.0) != 1.0 or _attr(layer, "transB", 0) != 1:
             continue

@@ -349,7 +349,7 @@ def _prune_step(
 ) -> dict[str, Any]:
     """Re-measure BatchNorm statistics (recalibrate_bn), measure the freshly pruned model, fine-tune it,
     and say what the step did."""
-    if getattr(cfg, "recalibrate_bn", False):
+    if cfg.recalibrate_bn:
         recalibrate_batchnorm(
             state.model,
             calibration_subset(ctx.data.train, ctx.calibration_samples, ctx.seed),
