@@ -184,11 +184,12 @@ class Runner:
             source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
         else:
             source = obtain_reference(model, self.recipe, self.data, self.device, progress)
+        model = model.to(self.device)
         self._check_forward(model)
-        return model.to(self.device).eval(), source
+        return model.eval(), source
 
     def _check_forward(self, model: nn.Module) -> None:
-        example = self.data.test[0][0].unsqueeze(0)
+        example = self.data.test[0][0].unsqueeze(0).to(self.device)
         try:
             with torch.no_grad():
                 logits = model.eval()(example)

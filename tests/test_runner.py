@@ -102,3 +102,17 @@ def test_torn_checkpoint_is_not_taken_as_finished(tiny_recipe: dict, write_recip
     again = _run(write_recipe(tiny_recipe), out)
     assert again["stages"][0]["resumed"] is False
     torch.load(checkpoint, weights_only=True)  # rewritten whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_run_on_cuda_prunes_quantizes_and_exports(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:
+    # the reference trains on the GPU, so the input check, every pass and the export start from a model there
+    tiny_recipe["stages"].append(
+        {"name": "quantize", "pass": "quantize.adaround", "params": {"weight_bits": 4, "iterations": 20},
+         "gate": {"max_drop": 0.2}}  # fmt: skip
+    )
+    tiny_recipe["export"]["onnx"]["precisions"] = ["fp32", "int8-trt"]
+    report = _run(write_recipe(tiny_recipe), tmp_path / "cuda", device="cuda")
+    assert report["status"] == "passed" and report["device"] == "cuda"
+    assert [stage["name"] for stage in report["stages"]] == ["prune", "quantize"]
+    assert report["export"]["int8-trt"]["parity"]["top1_agreement"] >= 0.98

@@ -56,7 +56,9 @@ def _plan(model: nn.Module, bits: int = 4, act: int | None = 8, **kw) -> dict:
 
 
 def test_grid_scales_and_rounding() -> None:
-    w = torch.randn(6, 3, 3, 3)
+    # seeded, and channels enough that some at low bits gain from a wider range (6 unseeded channels
+    # gave none at some width on a 16-core machine with torch 2.11)
+    w = torch.randn(64, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     for bits in range(2, 9):
         qmax = weight_qmax(bits)
         for method in ("mse", "sqnr", "minmax"):
