@@ -208,14 +208,17 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
             ours_seconds[bits] = statistics.mean(seconds)
         rows.append([arch, label, pct(fp32), pct(rtn_auto), pct(rtn_minmax), spread(accs),
                      f"{statistics.mean(seconds):.1f}", "", ""])  # fmt: skip
-        print(f"  {label}: rtn auto {pct(rtn_auto)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)}", flush=True)
+        print(f"  {label}: rtn auto {pct(rtn_auto)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)} "
+              f"(per seed {' '.join(pct(a) for a in accs)})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if 8 in args.bits:  # like with like: symmetric beside ours, zero-point beside ours unsigned
             peer = ort_peer(model, data, Path(tmp), list(range(1, args.seeds + 1)))
-            for symmetric, row in zip((True, False), (rows[args.bits.index(8)], rows[-1])):
-                if peer:
-                    form = "symmetric, TensorRT form" if symmetric else "zero-point activations"
-                    row[7] = f"ORT quantize_static {spread(peer[symmetric])} ({form}; same calibration draws)"
+            if peer:  # ours (symmetric) beside both forms: zero-point is ORT's default, symmetric is ours
+                rows[args.bits.index(8)][7] = (f"ORT quantize_static {spread(peer[False])} zero-point, "
+                                               f"{spread(peer[True])} symmetric (same calibration draws)")
+                rows[-1][7] = f"ORT quantize_static {spread(peer[False])} (zero-point activations; same draws)"
+                print(f"  W8A8 ORT quantize_static per draw: zero-point {' '.join(pct(a) for a in peer[False])}, "
+                      f"symmetric {' '.join(pct(a) for a in peer[True])}", flush=True)
         # AIMET at every width below 8 it shares with ours: its accuracy on this very model, and the time ratio
         for bits in (b for b in args.bits if b < 8):
             peer = aimet_status or aimet_adaround(model, data, blocks, bits, args.iterations, Path(tmp))
@@ -247,11 +250,11 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, iterations {args.iterations}, calibration {CALIBRATION} "
           f"images, batch 32, seeds {args.seeds}; weights per-channel symmetric, zero point 0, "
           f"{'[-2^(b-1), 2^(b-1)-1]' if args.weight_grid == 'full' else '+-(2^(b-1)-1)'} ({args.weight_grid} grid); "
-          f"activations int8 symmetric")
+          f"activations int8 symmetric, min-max ranges (the default act_calibration)")
     rows = []
     for arch in args.models.split(","):
         rows += bench_model(arch, args, aimet_status)
-    header = ["model", "bits", "fp32", "rtn (auto range)", "rtn (minmax)", f"adaround {args.iterations} it", "ours s",
+    header = ["model", "bits", "fp32", "rtn (auto range)", "rtn (minmax range)", f"adaround {args.iterations} it", "ours s",
               "peer", "ours/AIMET time"]  # fmt: skip
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:

@@ -64,7 +64,11 @@ class QuantizeConfig(StrictModel):
     # 73.1% full). It is AIMET's grid, and its integers are plain int8 weights for TensorRT and ONNX
     # Runtime (export/qdq.py folds them into int8 initializers). narrow: weights symmetric under negation.
     weight_grid: WeightGrid = Field("full", description="weights in [-2^(b-1), 2^(b-1)-1] (full) or +-(2^(b-1)-1)")
-    act_calibration: ActCalibration = "mse"
+    # minmax by default, as ONNX Runtime's quantize_static, ModelOpt's int8 and Neural Compressor's default.
+    # ResNet-8 (mnist5k) AdaRound 500 iterations, calibration draws 1-5: W8A8 98.00% minmax vs 97.88% mse
+    # (ORT quantize_static MinMax, zero-point activations, same draws: 98.00%); W3A8 97.54% vs 97.50%.
+    # MSE clips the rare large activations on which the class decision rests.
+    act_calibration: ActCalibration = Field("minmax", description="activation ranges: minmax | percentile | mse")
     residual_quantizers: Literal["skip", "both"] = Field(
         "skip",
         description="residual adds: quantize the skip operand (TensorRT's placement) or both operands "
