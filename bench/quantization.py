@@ -1,7 +1,7 @@
 """Post-training quantization on the reference ResNet-20 and ResNet-8 (mnist5k), side by side with peers.
 
     python bench/quantization.py [--quick] [--iterations 500] [--seeds 3] [--models resnet20,resnet8]
-                                 [--bits 8,4,3,2] [--weight-grid full|narrow]
+                                 [--bits 8,4,3,2] [--weight-grid full|narrow] [--no-aimet] [--no-unsigned]
 
 Rows: fp32; quantize.rtn with the default weight ranges (auto: MSE, SQNR at 2 bits) and with min-max ones;
 quantize.adaround (mean and spread over seeds) at W8A8, W4A8, W3A8, W2A8, and at W8A8 again with
@@ -189,7 +189,7 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
     print(f"\n## {arch}: fp32 {pct(fp32)}% (test split, {len(data.test)} images)", flush=True)
     rows: list[list[str]] = []
     ours_seconds: dict[int, float] = {}
-    widths = [(bits, False) for bits in args.bits] + ([(8, True)] if 8 in args.bits else [])
+    widths = [(bits, False) for bits in args.bits] + ([(8, True)] if 8 in args.bits and args.unsigned else [])
     for bits, unsigned in widths:
         params = {"weight_bits": bits, "weight_grid": args.weight_grid, "unsigned_symmetric": unsigned}
         label = f"W{bits}A8" + (" unsigned_symmetric" if unsigned else "")
@@ -216,7 +216,8 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
             if peer:  # ours (symmetric) beside both forms: zero-point is ORT's default, symmetric is ours
                 rows[args.bits.index(8)][7] = (f"ORT quantize_static {spread(peer[False])} zero-point, "
                                                f"{spread(peer[True])} symmetric (same calibration draws)")
-                rows[-1][7] = f"ORT quantize_static {spread(peer[False])} (zero-point activations; same draws)"
+                if args.unsigned:
+                    rows[-1][7] = f"ORT quantize_static {spread(peer[False])} (zero-point activations; same draws)"
                 print(f"  W8A8 ORT quantize_static per draw: zero-point {' '.join(pct(a) for a in peer[False])}, "
                       f"symmetric {' '.join(pct(a) for a in peer[True])}", flush=True)
         # AIMET at every width below 8 it shares with ours: its accuracy on this very model, and the time ratio
@@ -240,6 +241,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,resnet8")
     parser.add_argument("--bits", default="8,4,3,2", help="weight bit widths (activations int8)")
     parser.add_argument("--no-aimet", action="store_true")
+    parser.add_argument("--no-unsigned", dest="unsigned", action="store_false", help="without the W8A8 unsigned_symmetric row")
     parser.add_argument("--weight-grid", choices=["full", "narrow"], default="full",
                         help="our weight grid: [-2^(b-1), 2^(b-1)-1] (full, AIMET's) or +-(2^(b-1)-1)")
     args = parser.parse_args()

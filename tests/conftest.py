@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny, fast recipe on real data (scikit-learn's 8x8 digits) and an isolated cache."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 TINY_RECIPE = {
@@ -31,6 +34,15 @@ TINY_RECIPE = {
 def _session_cache(factory: pytest.TempPathFactory) -> Path:
     # One cache per test session: the tiny reference trains once, the tests still never touch ~/.cache.
     return factory.getbasetemp() / "compress-cache"
+
+
+@pytest.fixture(autouse=True)
+def seeded_rng() -> None:
+    # every test starts from the same random state whatever ran before it in the process (test order,
+    # pytest-xdist's distribution), so a property checked on random tensors is checked on the same ones
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
