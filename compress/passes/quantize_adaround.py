@@ -67,7 +67,7 @@ class QuantizeConfig(StrictModel):
     # minmax by default, as ONNX Runtime's quantize_static, ModelOpt's int8 and Neural Compressor's default.
     # ResNet-8 (mnist5k) AdaRound 500 iterations, calibration draws 1-5: W8A8 98.00% minmax vs 97.88% mse
     # (ORT quantize_static MinMax, zero-point activations, same draws: 98.00%); W3A8 97.54% vs 97.50%.
-    # MSE clips the rare large activations on which the class decision rests.
+    # (MSE trades the largest activations for finer steps below them; min-max never clips.)
     act_calibration: ActCalibration = Field("minmax", description="activation ranges: minmax | percentile | mse")
     residual_quantizers: Literal["skip", "both"] = Field(
         "skip",
