@@ -211,9 +211,9 @@ def bench_model(arch: str, args: argparse.Namespace, aimet_status: str | None) -
         print(f"  {label}: rtn auto {pct(rtn_auto)}, rtn minmax {pct(rtn_minmax)}, adaround {spread(accs)} "
               f"(per seed {' '.join(pct(a) for a in accs)})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if 8 in args.bits:  # like with like: symmetric beside ours, zero-point beside ours unsigned
+        if 8 in args.bits:  # both forms beside ours (symmetric), zero-point beside ours unsigned
             peer = ort_peer(model, data, Path(tmp), list(range(1, args.seeds + 1)))
-            if peer:  # ours (symmetric) beside both forms: zero-point is ORT's default, symmetric is ours
+            if peer:  # zero-point is ORT's default, symmetric is the form ours has
                 rows[args.bits.index(8)][7] = (f"ORT quantize_static {spread(peer[False])} zero-point, "
                                                f"{spread(peer[True])} symmetric (same calibration draws)")
                 if args.unsigned:
@@ -249,10 +249,11 @@ def main() -> None:
     if args.quick:
         args.models, args.iterations, args.seeds, args.no_aimet, args.bits = "resnet8", 100, 1, True, [4, 3]
     aimet_status = "skipped: --no-aimet" if args.no_aimet else ensure_aimet()
+    act_ranges = get_pass("quantize.adaround").config_type.model_fields["act_calibration"].default
     print(f"torch threads {torch.get_num_threads()}, iterations {args.iterations}, calibration {CALIBRATION} "
           f"images, batch 32, seeds {args.seeds}; weights per-channel symmetric, zero point 0, "
           f"{'[-2^(b-1), 2^(b-1)-1]' if args.weight_grid == 'full' else '+-(2^(b-1)-1)'} ({args.weight_grid} grid); "
-          f"activations int8 symmetric, min-max ranges (the default act_calibration)")
+          f"activations int8 symmetric, {act_ranges} ranges (the default act_calibration)")
     rows = []
     for arch in args.models.split(","):
         rows += bench_model(arch, args, aimet_status)
