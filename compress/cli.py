@@ -78,8 +78,8 @@ def demo(
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """The default recipe (ResNet-20 on real MNIST digits: prune, gate, export) end to end."""
-    _run(recipes_dir() / "mnist-resnet20.yaml", out, resume, device, None, False, quiet)
+    """The default recipe end to end: ResNet-20 on real MNIST digits, channel pruning, AdaRound W8A8, int8 ONNX."""
+    _run(recipes_dir() / "mnist-resnet20-demo.yaml", out, resume, device, None, False, quiet)
 
 
 @app.command()

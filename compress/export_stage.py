@@ -5,6 +5,7 @@ the torch model it came from (parity) rather than trusted.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from compress.recipe import ExportConfig
 NOT_FOR_TENSORRT = frozenset({"int8-ort"})
 
 
+@dataclass
+class OriginalModel:
+    """The model as the run received it, exported beside the compressed files and measured like them
+    (model.original.onnx), so that what the run bought reads off one table against the same runtime."""
+
+    model: nn.Module
+    torch_logits: torch.Tensor
+
+
+ORIGINAL = "original"
+
+
 def export_and_verify(
     model: nn.Module,
     cfg: ExportConfig,
@@ -34,34 +47,36 @@ def export_and_verify(
     labels: torch.Tensor,
     metric: MetricFn,
     progress: RunProgress,
+    original: OriginalModel | None = None,
 ) -> dict[str, Any]:
     from export.lint import lint_onnx
-    from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
+    from export.onnx_export import export_onnx
+    from export.ort_runner import file_size, measure_latencies, ort_session, parity, predict
 
     test_inputs, _ = dataset_tensors(data.test)
-    torch_metric = float(metric(torch_logits, labels))
     example = test_inputs[:1]
     results: dict[str, Any] = {}
+    sessions: dict[str, Any] = {}
     writer = _OnnxWriter(model, example, cfg, out_dir)
-    with progress.task("export", len(cfg.onnx.precisions) * 3) as advance, writer:
-        for precision in cfg.onnx.precisions:
-            path = out_dir / f"model.{precision}.onnx"
-            advance(0, f"{precision}: torch -> ONNX")
-            writer.write(precision, path)
+    files = ([ORIGINAL] if original is not None else []) + list(cfg.onnx.precisions)
+    with progress.task("export", len(files) * 2 + 1) as advance, writer:
+        for name in files:
+            path = out_dir / f"model.{name}.onnx"
+            advance(0, f"{name}: torch -> ONNX")
+            if name == ORIGINAL:
+                assert original is not None
+                export_onnx(original.model, example, path, opset=cfg.onnx.opset)
+                reference_logits = original.torch_logits
+            else:
+                writer.write(name, path)
+                reference_logits = torch_logits
             pause_point(f"exported:{path.name}")
-            lint = {"findings": [f.to_dict() for f in lint_onnx(path)], "gates": precision not in NOT_FOR_TENSORRT}
-            advance(1, f"{precision}: accuracy in ONNX Runtime")
-            session = ort_session(path, threads=cfg.verify.threads)
+            lint = {"findings": [f.to_dict() for f in lint_onnx(path)], "gates": name not in NOT_FOR_TENSORRT}
+            advance(1, f"{name}: accuracy in ONNX Runtime")
+            session = sessions[name] = ort_session(path, threads=cfg.verify.threads)
             onnx_logits = predict(session, test_inputs.numpy())
             onnx_metric = float(metric(torch.from_numpy(onnx_logits), labels))
-            advance(1, f"{precision}: latency")
-            latency = (
-                measure_latency(
-                    session, tuple(example.shape[1:]), runs=cfg.verify.latency_runs, threads=cfg.verify.threads
-                )
-                if cfg.verify.latency
-                else {}
-            )
+            torch_metric = float(metric(reference_logits, labels))
             advance(1)
             drop = torch_metric - onnx_metric
             max_drop = cfg.verify.max_drop
@@ -73,23 +88,33 @@ def export_and_verify(
                     f"lint: {len(lint['findings'])} TensorRT rule finding(s), first {first['node']}: "
                     f"[{first['rule']}] {first['message']}"
                 )
-            passed = not reasons
-            results[precision] = {
+            results[name] = {
                 "path": str(Path("export") / path.name),
                 "opset": cfg.onnx.opset,
                 "metric": onnx_metric,
                 "torch_metric": torch_metric,
                 "drop": drop,
                 "size_bytes": file_size(path),
-                "latency_ms": latency,
-                "parity": parity(torch_logits.numpy(), onnx_logits),
+                "latency_ms": {},
+                "parity": parity(reference_logits.numpy(), onnx_logits),
                 "lint": lint,
-                "gate": {"passed": passed, "max_drop": max_drop, "reason": "; ".join(reasons) or None},
+                "gate": {"passed": not reasons, "max_drop": max_drop, "reason": "; ".join(reasons) or None},
             }
             progress.log(
-                f"export {precision}: test {onnx_metric:.4f} (torch {torch_metric:.4f}), "
-                f"top-1 agreement {results[precision]['parity']['top1_agreement']:.4f}"
+                f"export {name}: test {onnx_metric:.4f} (torch {torch_metric:.4f}), "
+                f"top-1 agreement {results[name]['parity']['top1_agreement']:.4f}"
             )
+        if cfg.verify.latency:
+            # every file timed in alternating rounds after all are written, so the ratios between them
+            # (the original against the compressed files above all) do not depend on when each ran
+            advance(0, f"latency: {len(sessions)} files in {cfg.verify.latency_rounds} alternating rounds")
+            timings = measure_latencies(
+                sessions, tuple(example.shape[1:]), runs=cfg.verify.latency_runs,
+                rounds=cfg.verify.latency_rounds, threads=cfg.verify.threads,
+            )  # fmt: skip
+            for name, timing in timings.items():
+                results[name]["latency_ms"] = timing
+        advance(1)
     trt_files = [out_dir / f"model.{p}.onnx" for p in cfg.onnx.precisions if p not in NOT_FOR_TENSORRT]
     results["tensorrt"] = tensorrt_entry(trt_files, cfg, out_dir)
     progress.log(f"tensorrt: {_tensorrt_summary(results['tensorrt'])}")

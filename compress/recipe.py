@@ -182,6 +182,7 @@ class VerifyConfig(StrictModel):
     max_drop: float | None = Field(0.002, ge=0, le=1)
     latency: bool = True
     latency_runs: int = Field(50, ge=1)
+    latency_rounds: int = Field(5, ge=1, description="timed runs split into rounds that alternate between the files")
     threads: int = Field(2, ge=1)
 
 

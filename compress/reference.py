@@ -37,7 +37,10 @@ def reference_key(recipe: Recipe) -> str:
 
 
 def reference_path(recipe: Recipe) -> Path:
-    return cache_dir() / f"reference-{recipe.name}-{reference_key(recipe)}.pt"
+    # named by the key alone: recipes that differ only in their stages (the demo, the CI recipes, the
+    # benches) share one trained reference
+    arch = recipe.model.arch.rsplit(":", 1)[-1]
+    return cache_dir() / f"reference-{arch}-{reference_key(recipe)}.pt"
 
 
 def _load_cached(model: nn.Module, path: Path, key: str) -> bool:

@@ -84,6 +84,57 @@ def export_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def headline(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run bought, against the original model's own fp32 file in the same runtime and run.
+
+    The compressed file named is the fastest at batch 64 (the smallest when latency was not measured):
+    the one a CPU deployment would ship. None when the run exported no original (no stages, no export).
+    """
+    exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {})}
+    original = exports.pop("original", None)
+    if original is None or not exports:
+        return None
+
+    def batch64(entry: dict[str, Any]) -> float | None:
+        return (entry.get("latency_ms") or {}).get("batch64")
+
+    timed = all(batch64(e) for e in [original, *exports.values()])
+    fmt = min(exports, key=lambda k: (batch64(exports[k]) if timed else 0, exports[k]["size_bytes"]))
+    entry = exports[fmt]
+    faster = (
+        {b: original["latency_ms"][b] / entry["latency_ms"][b] for b in ("batch1", "batch64") if b in entry["latency_ms"]}
+        if timed
+        else {}
+    )
+    return {
+        "format": fmt,
+        "file": entry.get("path"),
+        "smaller": original["size_bytes"] / entry["size_bytes"],
+        "faster": faster,
+        "threads": (entry.get("latency_ms") or {}).get("threads"),
+        "metric_name": (report.get("recipe") or {}).get("metric", "metric"),
+        "test_metric": entry["metric"],
+        "original_test_metric": original["metric"],
+        "test_change": entry["metric"] - original["metric"],
+    }
+
+
+def headline_text(line: dict[str, Any]) -> str:
+    """One sentence: N.Nx smaller, N.Nx faster (batch 1 and 64), the test metric's change in points."""
+    speed = ""
+    if line["faster"]:
+        threads = f", {line['threads']} threads" if line.get("threads") else ""
+        speed = (
+            f", {line['faster'].get('batch1', float('nan')):.1f}x faster at batch 1 and "
+            f"{line['faster'].get('batch64', float('nan')):.1f}x at batch 64 (ONNX Runtime{threads})"
+        )
+    return (
+        f"{line['format']}: {line['smaller']:.1f}x smaller{speed}, test {line['metric_name']} "
+        f"{100 * line['test_change']:+.1f} pt ({_pct(line['test_metric'])} vs {_pct(line['original_test_metric'])}), "
+        "against the original model's fp32 file"
+    )
+
+
 SEARCH_COLUMNS = ("trial", "phase", "changes", "val", "drop", "gate", "sparsity", "avg bits", "float", "size", "seconds")
 
 
@@ -143,6 +194,8 @@ def render_markdown(report: dict[str, Any], plots: list[Path] | None = None) -> 
         parts += ["", f"## Search: {title}", "", _markdown_table(SEARCH_COLUMNS, rows)]
     if report.get("export"):
         parts += ["", "## Export (ONNX Runtime, test split)", "", _markdown_table(EXPORT_COLUMNS, export_rows(report))]
+    if report.get("headline"):
+        parts += ["", f"**{headline_text(report['headline'])}**"]
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     versions = report.get("versions", {})
@@ -179,6 +232,8 @@ def render_html(report: dict[str, Any], plots: list[Path]) -> str:
         parts += [f"<h2>Search: {html.escape(title)}</h2>", _html_table(SEARCH_COLUMNS, rows)]
     if report.get("export"):
         parts += ["<h2>Export (ONNX Runtime, test split)</h2>", _html_table(EXPORT_COLUMNS, export_rows(report))]
+    if report.get("headline"):
+        parts.append(f"<p><b>{html.escape(headline_text(report['headline']))}</b></p>")
     if plots:
         parts.append("<h2>Plots</h2>")
         for plot in plots:
@@ -218,7 +273,7 @@ def comparison_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for run, report in reports.items():
         stages = report.get("stages") or []
         final = stages[-1] if stages else report.get("baseline") or {}
-        exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {})}
+        exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {}) and k != "original"}
         # the deployed file: the smallest exported one
         deployed_fmt = min(exports, key=lambda k: exports[k].get("size_bytes", 0)) if exports else None
         deployed = exports.get(deployed_fmt, {}) if deployed_fmt else {}
@@ -289,4 +344,6 @@ def print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
         for row in rows:
             export_table.add_row(*row)
         console.print(export_table)
+    if report.get("headline"):
+        console.print(f"[bold]{headline_text(report['headline'])}[/]", highlight=False)
     console.print(f"report: {out / 'report.json'}")

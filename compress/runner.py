@@ -33,7 +33,7 @@ from compress.recipe import Recipe, load_recipe, stable_hash
 from compress.reference import obtain_reference
 from compress.search import check_searchable, search_changed
 from compress.resources import check_memory_budget
-from compress.report import print_summary, write_reports
+from compress.report import headline, print_summary, write_reports
 from compress.sparsity import sparsity_stats
 from compress.state import ModelState, StageContext
 from compress.train import predict
@@ -384,11 +384,15 @@ class Runner:
         return stage_sensitivity(stage.pass_name, config, state, self.evaluator.score_and_logits, path, progress)
 
     def _export(self, state: ModelState, progress: RunProgress) -> None:
-        from compress.export_stage import export_and_verify
+        from compress.export_stage import OriginalModel, export_and_verify
 
         results = None
         if distributed.is_main():
             torch_logits, labels = self.evaluator.logits(state.model, "test")
+            original = None
+            if self.recipe.stages:  # without stages the fp32 file is the original
+                original_model = self.baseline_state.model
+                original = OriginalModel(original_model, self.evaluator.logits(original_model, "test")[0])
             results = export_and_verify(
                 state.model,
                 self.recipe.export,
@@ -398,10 +402,12 @@ class Runner:
                 labels=labels,
                 metric=self.metric,
                 progress=progress,
+                original=original,
             )
         # every rank ends with the same verdict (and exit code) as rank 0, which alone exported
         results = distributed.broadcast_object(results)
         self.report["export"] = results
+        self.report["headline"] = headline(self.report)
         failures = [f"{name}: {r['gate']['reason']}" for name, r in results.items() if not r["gate"]["passed"]]
         if failures:
             self.report["failed_stage"] = "export"

@@ -92,26 +92,65 @@ def measure_latency(
     ``threads`` is only reported (the session's thread count is fixed at creation);
     when None it is read back from the session's options.
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    in_name = session.get_inputs()[0].name
+    timings = measure_latencies(
+        {"file": session}, sample_shape, batch_sizes=batch_sizes, warmup=warmup, runs=runs, rounds=1, threads=threads
+    )
+    return timings["file"]
+
+
+def measure_latencies(
+    sessions: dict[str, ort.InferenceSession],
+    sample_shape: tuple[int, ...],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 10,
+    runs: int = 50,
+    rounds: int = 5,
+    threads: int | None = None,
+) -> dict[str, dict[str, float | int | None]]:
+    """measure_latency for several files at once, in `rounds` alternating rounds.
+
+    Each file first gets `warmup` untimed runs per batch size; then each round times every file in turn
+    (one untimed run, then runs / rounds timed ones per batch size), and each file's median and p90 are
+    taken over all its timed runs: load that drifts while the files are timed (a shared machine, a CPU
+    changing clock) hits every file alike, where timing one file after the other would charge it to
+    whichever ran then. Ratios between the files are what travels.
+    """
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need runs >= 1, rounds >= 1 and warmup >= 0, got {runs=}, {rounds=}, {warmup=}")
+    rounds = min(rounds, runs)
     # Fixed seed: the same input every call, so runs of the CLI time identical work.
     rng = np.random.default_rng(0)
-    result: dict[str, float | int | None] = {}
-    for bs in batch_sizes:
-        feed = {in_name: rng.standard_normal((bs, *sample_shape), dtype=np.float32).astype(input_dtype(session))}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times_ms = np.empty(runs, dtype=np.float64)
-        for i in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times_ms[i] = (time.perf_counter() - start) * 1000.0
-        result[f"batch{bs}"] = float(np.median(times_ms))
-        result[f"batch{bs}_p90"] = float(np.percentile(times_ms, 90))
-    result["runs"] = runs
-    result["threads"] = threads if threads is not None else session.get_session_options().intra_op_num_threads
-    return result
+    inputs = {bs: rng.standard_normal((bs, *sample_shape), dtype=np.float32) for bs in batch_sizes}
+    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+    feeds = {
+        name: {bs: {session.get_inputs()[0].name: inputs[bs].astype(input_dtype(session))} for bs in batch_sizes}
+        for name, session in sessions.items()
+    }
+    for name, session in sessions.items():
+        for feed in feeds[name].values():
+            for _ in range(warmup):
+                session.run(None, feed)
+    times_ms: dict[str, dict[int, list[float]]] = {name: {bs: [] for bs in batch_sizes} for name in sessions}
+    for count in per_round:
+        for name, session in sessions.items():
+            for bs, feed in feeds[name].items():
+                session.run(None, feed)  # caches refilled after the other files ran
+                for _ in range(count):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times_ms[name][bs].append((time.perf_counter() - start) * 1000.0)
+    results: dict[str, dict[str, float | int | None]] = {}
+    for name, session in sessions.items():
+        result: dict[str, float | int | None] = {}
+        for bs in batch_sizes:
+            result[f"batch{bs}"] = float(np.median(times_ms[name][bs]))
+            result[f"batch{bs}_p90"] = float(np.percentile(times_ms[name][bs], 90))
+        result["runs"] = runs
+        result["rounds"] = rounds
+        result["threads"] = threads if threads is not None else session.get_session_options().intra_op_num_threads
+        results[name] = result
+    return results
 
 
 def file_size(path: str | Path) -> int:

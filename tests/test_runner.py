@@ -47,6 +47,16 @@ def test_run_writes_the_contract(tiny_run: tuple[dict, Path]) -> None:
     assert fp32["parity"]["top1_agreement"] >= 0.999
     assert fp32["latency_ms"]["batch1"] > 0 and fp32["latency_ms"]["batch64"] > 0
     assert fp32["gate"]["passed"]
+    # the unmodified model exported and measured like the compressed files, first in the table
+    original = on_disk["export"]["original"]
+    assert list(on_disk["export"])[0] == "original" and (out / original["path"]).is_file()
+    assert original["metric"] == pytest.approx(on_disk["baseline"]["test_metric"], abs=0.002)
+    assert original["latency_ms"]["batch64"] > 0 and original["gate"]["passed"]
+    line = on_disk["headline"]
+    assert line["format"] == "fp32"
+    assert line["smaller"] == pytest.approx(original["size_bytes"] / fp32["size_bytes"])
+    assert line["test_change"] == pytest.approx(fp32["metric"] - original["metric"])
+    assert "x smaller" in (out / "report.md").read_text()
 
 
 def test_second_run_resumes_and_changed_stage_reruns(tiny_recipe: dict, write_recipe, tmp_path: Path) -> None:

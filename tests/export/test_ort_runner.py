@@ -11,7 +11,7 @@ from onnx.external_data_helper import convert_model_to_external_data
 from torch import nn
 
 from export.onnx_export import export_onnx
-from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
+from export.ort_runner import file_size, measure_latencies, measure_latency, ort_session, parity, predict
 
 
 class SmallNet(nn.Module):
@@ -81,7 +81,7 @@ def test_parity_non_finite_and_bad_shapes() -> None:
 def test_measure_latency_reports_positive_finite_times(onnx_path: Path) -> None:
     sess = ort_session(onnx_path, threads=1)
     r = measure_latency(sess, (3, 8, 8), batch_sizes=(1, 64), warmup=1, runs=3)
-    assert set(r) == {"batch1", "batch1_p90", "batch64", "batch64_p90", "runs", "threads"}
+    assert set(r) == {"batch1", "batch1_p90", "batch64", "batch64_p90", "runs", "rounds", "threads"}
     for key in ("batch1", "batch1_p90", "batch64", "batch64_p90"):
         assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0
     assert r["batch1_p90"] >= r["batch1"] and r["batch64_p90"] >= r["batch64"]
@@ -99,3 +99,16 @@ def test_file_size_counts_external_data(onnx_path: Path, tmp_path: Path) -> None
     data = tmp_path / "ext.onnx.data"
     assert data.is_file()
     assert file_size(ext) == ext.stat().st_size + data.stat().st_size
+
+
+def test_measure_latencies_times_every_file_in_alternating_rounds(onnx_path: Path) -> None:
+    sessions = {"a": ort_session(onnx_path, threads=1), "b": ort_session(onnx_path, threads=1)}
+    timings = measure_latencies(sessions, (3, 8, 8), batch_sizes=(1, 8), warmup=1, runs=6, rounds=3)
+    assert set(timings) == {"a", "b"}
+    for timing in timings.values():
+        assert timing["rounds"] == 3 and timing["runs"] == 6
+        assert 0 < timing["batch1"] <= timing["batch1_p90"] and 0 < timing["batch8"] <= timing["batch8_p90"]
+    # more rounds than runs: as many rounds as runs, none empty
+    assert measure_latencies(sessions, (3, 8, 8), batch_sizes=(1,), warmup=0, runs=2, rounds=5)["a"]["rounds"] == 2
+    with pytest.raises(ValueError, match="rounds"):
+        measure_latencies(sessions, (3, 8, 8), runs=2, rounds=0)
