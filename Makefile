@@ -8,14 +8,22 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test bench install clean
 
+# -qq: pip's errors only (a quiet pip still prints a warning per unreachable local index entry and the
+# build backend's notices, a page that hides what matters); each step says what it does instead.
+PIP := $(PY) -m pip install -qq
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q $(TORCH_PINS) -e ".[vision,demo,dev]"
+	@echo "set-up: virtual environment $(VENV) ($(PYTHON))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@echo "set-up: $(TORCH_PINS) (about a minute)"
+	@$(PIP) $(TORCH_PINS)
+	@echo "set-up: compress and its dependencies (editable, extras vision, demo, dev)"
+	@$(PIP) $(TORCH_PINS) -e ".[vision,demo,dev]"
 # TensorRT's API as type stubs for the mypy test; --no-deps: its dependency tensorrt cannot install here
-	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
-	touch $(STAMP)
+	@$(PIP) --no-deps tensorrt-stubs==10.13.0.35.1
+	@touch $(STAMP)
+	@echo "set-up: done ($$($(PY) -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"
 
 install: $(STAMP)
 
