@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The versions this project is tested with (they lie on this machine's disk; pyproject.toml stays loose).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean ci-baselines
 
 # -qq: pip's errors only (a quiet pip still prints a warning per unreachable local index entry and the
 # build backend's notices, a page that hides what matters); each step says what it does instead.
@@ -36,6 +36,13 @@ test: $(STAMP)
 # Each bench/*.py prints its table (ours and the peer's side by side); _*.py are shared helpers.
 bench: $(STAMP)
 	for f in bench/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# After an intended change to what the CI recipes produce: rerun them and rewrite their baselines (.ci/run).
+ci-baselines: $(STAMP)
+	@for recipe in recipes/ci-*.yaml; do name=$$(basename $$recipe .yaml); \
+	  $(VENV)/bin/compress run $$recipe --out runs/$$name --no-resume --quiet && \
+	  $(VENV)/bin/compress gate --write-baseline runs/$$name/report.json --out recipes/baselines/$$name.json || exit 1; \
+	done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,8 @@
 """`compress gate`: a run's report.json against a committed baseline, as CI's pass/fail.
 
-Latency is compared as a ratio to the fp32 export of the same run: CI machines differ in speed, the
-ratio between two files measured on one machine travels.
+Latency is compared as a ratio to a reference file of the same run (the original model's file, or the
+fp32 export where the run wrote no original): CI machines differ in speed, the ratio between two files
+measured on one machine, in alternating rounds, travels.
 """
 from __future__ import annotations
 
@@ -41,10 +42,20 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def latency_ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each export's latency divided by the fp32 export's, per batch size; empty without an fp32 export."""
+LATENCY_REFERENCES = ("original", "fp32")
+
+
+def latency_reference(report: dict[str, Any]) -> str | None:
+    """The export every other file's latency is divided by: the original model's file, else fp32."""
     exports = report.get("export") or {}
-    reference = (exports.get("fp32") or {}).get("latency_ms") or {}
+    return next((name for name in LATENCY_REFERENCES if (exports.get(name) or {}).get("latency_ms")), None)
+
+
+def latency_ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each export's latency divided by the reference file's, per batch size; empty without a reference."""
+    exports = report.get("export") or {}
+    reference_name = latency_reference(report)
+    reference = (exports.get(reference_name) or {}).get("latency_ms") or {} if reference_name else {}
     ratios: dict[str, dict[str, float]] = {}
     for fmt, entry in exports.items():
         latency = (entry or {}).get("latency_ms") or {}
@@ -53,7 +64,7 @@ def latency_ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
             for key in ("batch1", "batch64")
             if key in latency and reference.get(key)
         }
-        if per_batch:
+        if per_batch and fmt != reference_name:
             ratios[fmt] = per_batch
     return ratios
 
@@ -70,10 +81,12 @@ def make_baseline(report: dict[str, Any]) -> dict[str, Any]:
             s["name"]: {k: s[k] for k in ("metric", "sparsity", "bits", "size_bytes") if k in s}
             for s in report.get("stages", [])
         },
+        "latency_reference": latency_reference(report),
         "export": {
             fmt: {
                 **{k: e[k] for k in ("metric", "size_bytes") if k in e},
-                **({"latency_ratio": ratios[fmt]} if fmt in ratios and fmt != "fp32" else {}),
+                **({"lint_findings": len(e["lint"]["findings"])} if "lint" in e else {}),
+                **({"latency_ratio": ratios[fmt]} if fmt in ratios else {}),
             }
             for fmt, e in (report.get("export") or {}).items()
             if "metric" in e
@@ -131,10 +144,16 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], tolerances: dict[s
             checks.append(
                 _at_most_relative(f"export {fmt}: size_bytes", entry.get("size_bytes"), base["size_bytes"], tolerances["size"])
             )
+        if "lint_findings" in base:
+            findings = len((entry.get("lint") or {}).get("findings", [])) if "lint" in entry else None
+            ok = findings is not None and findings <= base["lint_findings"]
+            checks.append(Check(f"export {fmt}: lint findings", findings, base["lint_findings"], "at most", ok))
+        reference = baseline.get("latency_reference", "fp32")
         for batch, base_ratio in (base.get("latency_ratio") or {}).items():
             checks.append(
                 _at_most_relative(
-                    f"export {fmt}: latency {batch} / fp32", ratios.get(fmt, {}).get(batch), base_ratio, tolerances["latency"]
+                    f"export {fmt}: latency {batch} / {reference}", ratios.get(fmt, {}).get(batch), base_ratio,
+                    tolerances["latency"],
                 )
             )
     return checks

@@ -17,10 +17,10 @@ runner = CliRunner()
 @pytest.fixture
 def real_report(tiny_run: tuple[dict, Path]) -> dict:
     report = copy.deepcopy(tiny_run[0])
-    # a second export format, so that latency ratios to fp32 exist to be checked
+    # a second compressed file, twice as fast as the original model's (the latency reference)
     report["export"]["int8-ort"] = copy.deepcopy(report["export"]["fp32"])
     for key in ("batch1", "batch64"):
-        report["export"]["int8-ort"]["latency_ms"][key] = report["export"]["fp32"]["latency_ms"][key] * 0.5
+        report["export"]["int8-ort"]["latency_ms"][key] = report["export"]["original"]["latency_ms"][key] * 0.5
     return report
 
 
@@ -49,7 +49,10 @@ def test_report_passes_against_its_own_baseline(real_report: dict, tmp_path: Pat
     assert len(cases) == int(suite.get("tests")) >= 6
     assert suite.get("failures") == "0" and not any(c.find("failure") is not None for c in cases)
     names = {c.get("name") for c in cases}
-    assert {"run status", "stage prune: metric", "export fp32: size_bytes", "export int8-ort: latency batch64 / fp32"} <= names
+    assert {
+        "run status", "stage prune: metric", "export fp32: size_bytes", "export int8-ort: latency batch64 / original",
+        "export fp32: latency batch1 / original", "export fp32: lint findings", "export original: metric",
+    } <= names  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -58,8 +61,12 @@ def test_report_passes_against_its_own_baseline(real_report: dict, tmp_path: Pat
         (lambda r: r["stages"][0].update(metric=r["stages"][0]["metric"] - 0.02), "stage prune: metric"),
         (lambda r: r["export"]["fp32"].update(size_bytes=int(r["export"]["fp32"]["size_bytes"] * 1.2)), "export fp32: size_bytes"),
         (
-            lambda r: r["export"]["int8-ort"]["latency_ms"].update(batch64=r["export"]["fp32"]["latency_ms"]["batch64"] * 1.5),
-            "export int8-ort: latency batch64 / fp32",
+            lambda r: r["export"]["int8-ort"]["latency_ms"].update(batch64=r["export"]["original"]["latency_ms"]["batch64"]),
+            "export int8-ort: latency batch64 / original",
+        ),
+        (
+            lambda r: r["export"]["fp32"]["lint"]["findings"].append({"node": "n", "rule": "r", "message": "m"}),
+            "export fp32: lint findings",
         ),
         (lambda r: r["stages"][0].update(sparsity=r["stages"][0]["sparsity"] - 0.05), "stage prune: sparsity"),
         (lambda r: r.update(status="gate_failed"), "run status"),
@@ -94,3 +101,12 @@ def test_bad_tolerance_is_bad_input(real_report: dict, tmp_path: Path, flag: str
 def test_missing_files_are_bad_input(tmp_path: Path) -> None:
     result = runner.invoke(app, ["gate", str(tmp_path / "none.json"), "--baseline", str(tmp_path / "b.json")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_latency_ratios_fall_back_to_fp32_without_an_original_file(real_report: dict, tmp_path: Path) -> None:
+    del real_report["export"]["original"]
+    baseline = _baseline(tmp_path, real_report)
+    assert json.loads(baseline.read_text())["latency_reference"] == "fp32"
+    result = _gate(tmp_path, real_report, baseline)
+    assert result.exit_code == 0, result.output
+    assert "int8-ort: latency batch64 / fp32" in result.output
