@@ -2,8 +2,8 @@
 #
 # CPU image (the CI use: `compress run`, `compress gate`):
 #   docker build -t compress:cpu .
-#   docker run --rm -v "$PWD:/work" compress:cpu run recipes/ci.yaml --out runs/ci
-#   docker run --rm -v "$PWD:/work" compress:cpu gate runs/ci/report.json --baseline recipes/baselines/ci.json
+#   docker run --rm -v "$PWD:/work" compress:cpu run recipes/ci-2to4.yaml --out runs/ci-2to4
+#   docker run --rm -v "$PWD:/work" compress:cpu gate runs/ci-2to4/report.json --baseline recipes/baselines/ci-2to4.json
 #
 # GPU image on NVIDIA's TensorRT container (x86_64 with a discrete GPU; TensorRT comes with the base):
 #   docker build --build-arg BASE=nvcr.io/nvidia/tensorrt:25.01-py3 \

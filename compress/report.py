@@ -170,7 +170,7 @@ def search_tables(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...
     return tables
 
 
-def _markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -188,12 +188,12 @@ def render_markdown(report: dict[str, Any], plots: list[Path] | None = None) -> 
         "",
         "## Stages",
         "",
-        _markdown_table(STAGE_COLUMNS, stage_rows(report)),
+        markdown_table(STAGE_COLUMNS, stage_rows(report)),
     ]
     for title, rows in search_tables(report):
-        parts += ["", f"## Search: {title}", "", _markdown_table(SEARCH_COLUMNS, rows)]
+        parts += ["", f"## Search: {title}", "", markdown_table(SEARCH_COLUMNS, rows)]
     if report.get("export"):
-        parts += ["", "## Export (ONNX Runtime, test split)", "", _markdown_table(EXPORT_COLUMNS, export_rows(report))]
+        parts += ["", "## Export (ONNX Runtime, test split)", "", markdown_table(EXPORT_COLUMNS, export_rows(report))]
     if report.get("headline"):
         parts += ["", f"**{headline_text(report['headline'])}**"]
     if plots:
@@ -309,7 +309,7 @@ def write_comparison(reports: dict[str, dict[str, Any]], out: Path, console: Con
     rows = comparison_rows(reports)
     cells = [_comparison_cells(r) for r in rows]
     chart = plot_comparison(rows, out / "plots" / "comparison.png")
-    md = ["# compress runs compared", "", _markdown_table(COMPARE_COLUMNS, cells)]
+    md = ["# compress runs compared", "", markdown_table(COMPARE_COLUMNS, cells)]
     if chart:
         md += ["", f"![comparison](plots/{chart.name})"]
     atomic_write_text(out / "comparison.md", "\n".join(md) + "\n")
