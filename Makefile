@@ -33,9 +33,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Each bench/*.py prints its table (ours and the peer's side by side); _*.py are shared helpers.
+# Every bench at its own defaults (ours and the peer's side by side), the model zoo too; writes bench/RESULTS.md
+# and README.md's Measured figures block. `$(PY) bench/all.py --quick` is the ~15-minute smoke version.
 bench: $(STAMP)
-	for f in bench/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) bench/all.py --full
 
 # After an intended change to what the CI recipes produce: rerun them and rewrite their baselines (.ci/run).
 ci-baselines: $(STAMP)
