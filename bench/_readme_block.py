@@ -18,6 +18,8 @@ END = "<!-- results:end -->"
 # Per bench, the paragraphs (runs of non-blank output lines) to quote: each pattern picks every
 # paragraph with a line it matches. They name table headers and summary lines the benches print.
 HEADLINES: dict[str, tuple[str, ...]] = {
+    "demo": (r"^\| format \|", r"^headline:"),
+    "ci_variation": (r"^largest (metric difference|change of a gated latency)",),
     "distill": (r"^\| task \| trainer \|", r"dot/kd"),
     "export": (r"^## Exported", r"faster than fp32"),
     "pruning": (r"^### Unstructured", r"^### 2:4"),

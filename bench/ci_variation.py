@@ -44,11 +44,11 @@ def with_trained_reference(recipe: Path, out: Path) -> Path:
     return path
 
 
-def metric_differences(first: dict, second: dict) -> list[tuple[str, float, float]]:
-    """(check, value in `first`, value in `second`) for every metric check compress gate makes."""
-    tolerances = {**DEFAULT_TOLERANCES, "metric": 0.0}
-    checks = compare(second, make_baseline(first), tolerances)
-    return [(c.name, c.baseline, c.value) for c in checks if c.name.endswith(": metric")]
+def gated_values(first: dict, second: dict, kind: str) -> list[tuple[str, float, float]]:
+    """(check, value in `first`, value in `second`) for every check of `kind` (metric, latency) compress
+    gate makes of `second` against a baseline made from `first`."""
+    checks = compare(second, make_baseline(first), DEFAULT_TOLERANCES)
+    return [(c.name, c.baseline, c.value) for c in checks if f": {kind}" in c.name and c.value is not None]
 
 
 def main() -> None:
@@ -61,6 +61,7 @@ def main() -> None:
     print(f"| recipe | reference | check | {THREADS[0]} threads | {THREADS[1]} thread | difference |")
     print("|---|---|---|---|---|---|")
     largest: dict[str, float] = {}
+    latency_change = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name, reference in variants:
             recipe = ROOT / "recipes" / f"ci-{name}.yaml"
@@ -72,14 +73,18 @@ def main() -> None:
             if any(r["status"] != "passed" for r in reports):
                 print(f"| ci-{name} | {reference} | run status | {reports[0]['status']} | {reports[1]['status']} | - |")
                 continue
-            for check, a, b in metric_differences(*reports):
-                difference = 100 * ((b or 0.0) - a)
+            for check, a, b in gated_values(*reports, "metric"):
+                difference = 100 * (b - a)
                 largest[reference] = max(largest.get(reference, 0.0), abs(difference))
-                print(f"| ci-{name} | {reference} | {check} | {100 * a:.1f}% | {100 * (b or 0):.1f}% | {difference:+.1f} pt |")
+                print(f"| ci-{name} | {reference} | {check} | {100 * a:.1f}% | {100 * b:.1f}% | {difference:+.1f} pt |")
+            for check, a, b in gated_values(*reports, "latency"):
+                latency_change = max(latency_change, abs(b / a - 1))
     print()
     for reference, points in largest.items():
         print(f"largest metric difference between {THREADS[0]} and {THREADS[1]} threads, reference {reference}: "
               f"{points:.1f} pt")  # fmt: skip
+    print(f"largest change of a gated latency ratio between two runs (ONNX Runtime at 2 threads in both): "
+          f"{100 * latency_change:.0f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from compress.data import DataSplits, dataset_tensors
 from compress.metrics import MetricFn
 from compress.progress import RunProgress
 from compress.recipe import ExportConfig
+from compress.report import ORIGINAL
 
 # ONNX Runtime's fast CPU flavor uses unsigned activations on purpose: not a file for TensorRT, so neither
 # linted against TensorRT's rules as a gate nor given a trtexec command.
@@ -32,9 +33,6 @@ class OriginalModel:
 
     model: nn.Module
     torch_logits: torch.Tensor
-
-
-ORIGINAL = "original"
 
 
 def export_and_verify(

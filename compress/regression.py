@@ -14,6 +14,7 @@ from typing import Any
 
 from compress.atomic import atomic_write_json, atomic_write_text
 from compress.errors import BadInput
+from compress.report import ORIGINAL
 
 BASELINE_FORMAT = "compress.baseline/1"
 
@@ -42,7 +43,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-LATENCY_REFERENCES = ("original", "fp32")
+LATENCY_REFERENCES = (ORIGINAL, "fp32")
 
 
 def latency_reference(report: dict[str, Any]) -> str | None:

@@ -13,6 +13,10 @@ from rich.table import Table
 
 from compress.atomic import atomic_write_json, atomic_write_text
 
+# The export entry of the unmodified model's own file (export/model.original.onnx), which the headline
+# and the CI gate's latency ratios compare the compressed files with.
+ORIGINAL = "original"
+
 STAGE_COLUMNS = ("stage", "pass", "val", "test", "drop", "gate", "sparsity", "params (nonzero)", "size", "seconds")
 
 
@@ -91,7 +95,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any] | None:
     the one a CPU deployment would ship. None when the run exported no original (no stages, no export).
     """
     exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {})}
-    original = exports.pop("original", None)
+    original = exports.pop(ORIGINAL, None)
     if original is None or not exports:
         return None
 
@@ -273,7 +277,7 @@ def comparison_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for run, report in reports.items():
         stages = report.get("stages") or []
         final = stages[-1] if stages else report.get("baseline") or {}
-        exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {}) and k != "original"}
+        exports = {k: v for k, v in (report.get("export") or {}).items() if "metric" in (v or {}) and k != ORIGINAL}
         # the deployed file: the smallest exported one
         deployed_fmt = min(exports, key=lambda k: exports[k].get("size_bytes", 0)) if exports else None
         deployed = exports.get(deployed_fmt, {}) if deployed_fmt else {}
