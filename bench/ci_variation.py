@@ -7,7 +7,7 @@ metrics) is compared between the two runs: the largest difference is what .ci/ru
 must cover. `--trained` names recipes to measure again with their reference trained in the run
 (15 epochs) instead of loaded from recipes/checkpoints/, which is why the CI recipes load one.
 
-    python bench/ci_variation.py [--recipes channels,2to4,ap] [--trained 2to4]
+    python bench/ci_variation.py [--recipes channels,2to4,ap] [--trained channels,2to4]
 """
 from __future__ import annotations
 
