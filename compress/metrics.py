@@ -1,12 +1,12 @@
 """Metrics over a whole split's logits: fractions, higher is better."""
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
 from compress.errors import BadInput
+from compress.models.pyref import first_line, import_callable
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -16,18 +16,23 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def resolve_metric(spec: str) -> MetricFn:
-    """`top1`, or `python:module:callable` taking (logits, labels) and returning a float."""
+    """`top1`, or `python:module:callable` taking (logits, labels) and returning a float.
+
+    A user's metric that raises or returns something other than a number stops the run with one line
+    naming it (exit 2), never a traceback.
+    """
     if spec == "top1":
         return top1
-    reference = spec.removeprefix("python:")
-    module_name, _, attr = reference.partition(":")
-    if not module_name or not attr:
-        raise BadInput(f"metric: expected python:module:callable, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure is the user's module, not ours
-        raise BadInput(f"metric: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise BadInput(f"metric: module {module_name!r} has no callable {attr!r}")
-    return fn
+    fn = import_callable(spec, "metric")
+
+    def checked(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        try:
+            value = fn(logits, labels)
+        except Exception as exc:  # the user's code: report it, do not crash
+            raise BadInput(f"metric: {spec} failed: {type(exc).__name__}: {first_line(exc)}") from None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"metric: {spec} returned {type(value).__name__}, expected a number") from None
+
+    return checked

@@ -377,6 +377,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise BadInput(f"{path}: invalid YAML{where}: {problem}") from None
     recipe = parse_recipe(raw, str(path))
     recipe_dir = path.resolve().parent
+    from compress.models.pyref import add_recipe_dir  # here: compress.models imports this module
+
+    add_recipe_dir(recipe_dir)  # python: references may name modules beside the recipe
     # Relative paths in a recipe mean "next to the recipe", wherever the user runs it from.
     if recipe.model.checkpoint and not Path(recipe.model.checkpoint).is_absolute():
         candidate = recipe_dir / recipe.model.checkpoint

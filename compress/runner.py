@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import Subset
 
 import compress
 from compress import distributed
@@ -183,13 +184,17 @@ class Runner:
             model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint, arch=cfg.arch)
             source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
         else:
+            # a model that cannot take the data, or a metric that fails, is found before minutes of training
+            self._check_forward(model, torch.device("cpu"))
+            self._check_metric(model, torch.device("cpu"))
             source = obtain_reference(model, self.recipe, self.data, self.device, progress)
         model = model.to(self.device)
         self._check_forward(model)
+        self._check_metric(model)
         return model.eval(), source
 
-    def _check_forward(self, model: nn.Module) -> None:
-        example = self.data.test[0][0].unsqueeze(0).to(self.device)
+    def _check_forward(self, model: nn.Module, device: torch.device | None = None) -> None:
+        example = self.data.test[0][0].unsqueeze(0).to(device or self.device)
         try:
             with torch.no_grad():
                 logits = model.eval()(example)
@@ -203,6 +208,12 @@ class Runner:
                 f"model.arch: output shape {tuple(logits.shape)} does not give {self.data.num_classes} "
                 "class scores per sample (set model.kwargs.num_classes?)"
             )
+
+    def _check_metric(self, model: nn.Module, device: torch.device | None = None) -> None:
+        """The metric runs once on a few validation samples before anything is written: a user's metric
+        that fails does so here, as one line naming it (resolve_metric), not after stages have run."""
+        probe = Subset(self.data.val, range(min(16, len(self.data.val))))
+        self.metric(*predict(model, probe, batch_size=16, device=device or self.device))
 
     # --- the run ------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from compress.cli import app
@@ -15,6 +16,7 @@ runner = CliRunner()
 
 DATASET_MODULE = '''
 import torch
+import yaml
 from torch.utils.data import TensorDataset
 
 def _pair(x, y):
@@ -178,3 +180,52 @@ def test_memory_budget_is_checked_before_anything_runs(tiny_recipe: dict, write_
     result = runner.invoke(app, ["run", str(write_recipe(tiny_recipe)), "--out", str(out)])
     assert result.exit_code == 2 and "resources.memory_mb" in _one_line(result)
     assert not out.exists()
+
+
+METRIC_MODULE = '''
+def boom(logits, labels):
+    raise ValueError("labels are not what this metric expects")
+
+def not_a_number(logits, labels):
+    return "high"
+
+def accuracy(logits, labels):
+    return float((logits.argmax(1) == labels).float().mean())
+'''
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("boom", "metric: python:{module}:boom failed: ValueError: labels are not what this metric expects"),
+        ("not_a_number", "metric: python:{module}:not_a_number returned str, expected a number"),
+    ],
+)
+def test_a_failing_user_metric_is_one_line_before_anything_is_written(
+    name: str, expected: str, tiny_recipe: dict, tmp_path: Path
+) -> None:
+    module = f"user_metric_{name}"
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+    (recipe_dir / f"{module}.py").write_text(METRIC_MODULE)
+    tiny_recipe["metric"] = f"python:{module}:{name}"
+    recipe = recipe_dir / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe, sort_keys=False))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert expected.format(module=module) in _one_line(result)
+    assert not out.exists(), "a failing metric must leave no run directory"
+
+
+def test_python_references_import_from_the_recipe_directory(tiny_recipe: dict, tmp_path: Path) -> None:
+    # the module sits beside the recipe, not in the working directory nor on sys.path: the metric finds
+    # it as model.arch and data.dataset references do (issue 18: the metric alone failed to import)
+    recipe_dir = tmp_path / "elsewhere"
+    recipe_dir.mkdir()
+    (recipe_dir / "metric_beside_recipe.py").write_text(METRIC_MODULE)
+    tiny_recipe["metric"] = "python:metric_beside_recipe:accuracy"
+    recipe = recipe_dir / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe, sort_keys=False))
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output

@@ -1,12 +1,14 @@
-"""Resolving `python:module:callable` references (models, datasets), and optional dependencies.
+"""Resolving `python:module:callable` references (models, datasets, metrics), and optional dependencies.
 
-Shared by compress.models and compress.data so that both report a bad reference the same way.
+The one way every `python:` reference is imported, so that all report a bad reference the same way and
+find a module in the same places: the working directory and the directory of the recipe that names it.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
@@ -22,23 +24,42 @@ def split_ref(ref: str, field: str) -> tuple[str, str]:
     return module, attr
 
 
-def _ensure_cwd_importable() -> None:
+# Directories of the recipes loaded in this process (compress.recipe.load_recipe adds each one).
+_recipe_dirs: list[str] = []
+
+
+def add_recipe_dir(directory: str | Path) -> None:
+    """Let `python:` references import modules that sit beside a recipe, wherever it is run from."""
+    path = str(Path(directory).resolve())
+    if path not in _recipe_dirs:
+        _recipe_dirs.append(path)
+
+
+def _on_sys_path(directory: str) -> bool:
+    return any(os.path.abspath(p or os.curdir) == directory for p in sys.path)
+
+
+def _ensure_importable() -> None:
     # `python -m` and pytest put the working directory on sys.path, an installed console script
-    # does not; a user's `python:mymodels:net` next to the recipe must import either way.
+    # does not; a user's `python:mymodels:net` next to the recipe must import either way. Recipe
+    # directories go last, so a file there never shadows an installed package.
     cwd = os.getcwd()
-    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+    if not _on_sys_path(cwd):
         sys.path.insert(0, cwd)
+    for directory in _recipe_dirs:
+        if not _on_sys_path(directory):
+            sys.path.append(directory)
 
 
 def import_callable(ref: str, field: str) -> Callable[..., Any]:
     """Import the module of `python:module:callable` and return the callable; BadInput otherwise."""
     module_name, attr = split_ref(ref, field)
-    _ensure_cwd_importable()
+    _ensure_importable()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # a user's module can fail to import in any way: report, never crash
         raise BadInput(
-            f"{field}: cannot import module {module_name!r} ({type(exc).__name__}: {_first_line(exc)})"
+            f"{field}: cannot import module {module_name!r} ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     target: Any = module
     for part in attr.split("."):
@@ -48,7 +69,7 @@ def import_callable(ref: str, field: str) -> Callable[..., Any]:
     return target
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "no message"
 
@@ -60,5 +81,5 @@ def require(module: str, extra: str, field: str, what: str) -> ModuleType:
     except ImportError as exc:
         raise BadInput(
             f"{field}: {what} needs {module.split('.')[0]}, which is not installed "
-            f"(pip install 'compress[{extra}]'; {type(exc).__name__}: {_first_line(exc)})"
+            f"(pip install 'compress[{extra}]'; {type(exc).__name__}: {first_line(exc)})"
         ) from None
