@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from compress.batches import batch_loader
 from compress.data import make_loader
 
 
@@ -154,4 +155,4 @@ def epoch_shards(num_samples: int, batch_size: int, seed: int) -> list[Shard]:
 
 def shard_loader(dataset: Dataset, shards: list[Shard]) -> DataLoader:
     """Batches of `dataset` holding exactly each shard's samples, in order."""
-    return DataLoader(dataset, batch_sampler=[s.indices for s in shards], num_workers=0)
+    return batch_loader(dataset, [s.indices for s in shards])

@@ -13,6 +13,8 @@ from compress.structure import apply_structure, structure_record
 
 if TYPE_CHECKING:
     from compress.data import DataSplits
+    from compress.losses import Objective
+    from compress.metrics import Metric
     from compress.progress import RunProgress
 
 CHECKPOINT_FORMAT = "compress.stage/1"
@@ -67,7 +69,27 @@ class StageContext:
     recipe_dir: Path | None = None  # relative paths in pass params (a teacher checkpoint) mean "next to the recipe"
     baseline: ModelState | None = None  # the model before the first stage (default teacher); do not modify
     calibration_samples: int = 1024
-    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # the recipe's (logits, labels) metric; None: top-1
+    metric: Metric | None = None  # the recipe's metric (compress/metrics.py); None: top-1
+    output: str | None = None  # model.output: the part of the outputs metrics, gates and distillation read
+    # the validation metric plus the outputs it was computed from (sensitivity compares them)
+    score_and_outputs: Callable[[nn.Module], tuple[float, Any]] | None = None
+
+    def example(self) -> Any:
+        """A batch of one training sample on the stage's device (tracing, MAC counts, shape checks)."""
+        from compress.batches import example_input
+
+        return example_input(self.data.train, self.device)
+
+    def objective(self, loss: str = "auto", kd_loss: str = "auto") -> Objective:
+        """The training objective a pass's `loss` / `kd_loss` params name, on this run's data and metric."""
+        from compress.batches import split_item
+        from compress.losses import Objective, resolve_kd_loss, resolve_loss
+        from compress.metrics import resolve_metric
+
+        _, target = split_item(self.data.train[0])
+        return Objective(
+            resolve_loss(loss, target), resolve_kd_loss(kd_loss, self.metric or resolve_metric("top1")), self.output
+        )
 
     @classmethod
     def standalone(
@@ -79,12 +101,19 @@ class StageContext:
         from compress.train import predict
 
         top1 = resolve_metric("top1")
+
+        def score_and_outputs(model: nn.Module) -> tuple[float, Any]:
+            outputs, targets = predict(model, data.val)
+            return top1(outputs, targets), outputs
+
         return cls(
             data=data,
             device=torch.device("cpu"),
             seed=seed,
             batch_size=batch_size,
             progress=RunProgress(quiet=True),
-            evaluate=lambda model: float(top1(*predict(model, data.val))),
+            evaluate=lambda model: score_and_outputs(model)[0],
             stage_name=name,
+            metric=top1,
+            score_and_outputs=score_and_outputs,
         )

@@ -9,26 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from compress.data import make_loader
+from compress.batches import Nested, call_model, concat, detach_float_cpu, iterate, to_device
 from compress.distributed import average_buffers, epoch_shards, reduce_gradients, shard_loader
+from compress.errors import BadInput
+from compress.losses import Objective, cross_entropy, kl
 from compress.faults import pause_point
 from compress.progress import RunProgress
 from compress.sparsity import apply_masks, mask_gradients
 
 Schedule = Literal["onecycle", "cosine", "constant"]
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean, times T^2 so its gradient scale does not shrink with T."""
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=1),
-            F.log_softmax(teacher_logits.float() / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * temperature**2
-    )
 
 
 def random_shift(
@@ -40,7 +29,7 @@ def random_shift(
     shifts are drawn for the whole batch, so every process draws alike and the shares add up to what
     one process would have drawn.
     """
-    if max_shift <= 0 or x.dim() != 4:
+    if max_shift <= 0 or not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         return x
     batch, _, height, width = x.shape
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
@@ -86,11 +75,14 @@ def fit(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.0,
     temperature: float = 4.0,
+    objective: Objective | None = None,
 ) -> None:
-    """SGD with momentum on cross-entropy; masked weights stay exactly zero throughout.
+    """SGD with momentum on the objective's task loss (default: cross-entropy on class targets); masked
+    weights stay exactly zero throughout.
 
-    With a `teacher`, the loss is (1 - distill_weight) * cross-entropy + distill_weight * kd_loss against
-    the teacher's logits on the same (shifted) inputs.
+    With a `teacher`, the loss is (1 - distill_weight) * task loss + distill_weight * the objective's
+    distillation loss (default KL) against the teacher's outputs on the same (shifted) inputs; without
+    targets (or a task loss) it is the distillation loss alone.
 
     `on_step(n)` runs after the n-th optimizer step (1-based); it may change `masks` in place (gradual
     pruning), and the next step already holds the new masks.
@@ -98,6 +90,8 @@ def fit(
     Under torchrun every process trains on its share of each global batch of `batch_size`
     (compress.distributed), and the update equals one process's on the whole batch.
     """
+    objective = objective or Objective(cross_entropy, kl)
+    distilling = teacher is not None and distill_weight > 0
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = len(epoch_shards(len(dataset), batch_size, seed))
     scheduler = make_scheduler(optimizer, schedule, lr, epochs * steps_per_epoch)
@@ -110,14 +104,21 @@ def fit(
             shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
             running, seen = 0.0, 0
             for shard, (inputs, labels) in zip(shards, shard_loader(dataset, shards)):
-                inputs = random_shift(inputs, shift, generator, of=shard.batch_size, start=shard.start).to(device)
-                labels = labels.to(device)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, labels)
-                if teacher is not None and distill_weight > 0:
+                inputs = to_device(random_shift(inputs, shift, generator, of=shard.batch_size, start=shard.start), device)
+                labels = to_device(labels, device)
+                outputs = call_model(model, inputs)
+                loss = objective.task_loss(outputs, labels)
+                if distilling:
+                    assert teacher is not None
                     with torch.no_grad():
-                        teacher_logits = teacher(inputs)
-                    loss = (1 - distill_weight) * loss + distill_weight * kd_loss(logits, teacher_logits, temperature)
+                        teacher_outputs = call_model(teacher, inputs)
+                    soft = objective.distill_loss(outputs, teacher_outputs, temperature)
+                    loss = soft if loss is None else (1 - distill_weight) * loss + distill_weight * soft
+                if loss is None:
+                    raise BadInput(
+                        f"{description}: nothing to train on: the data has no targets (or the loss none) and "
+                        "there is no teacher to distill from"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 reduce_gradients([p.grad for p in model.parameters()], shard.share)
@@ -128,8 +129,8 @@ def fit(
                 done += 1
                 if on_step is not None:
                     on_step(done)
-                running += loss.item() * len(labels)
-                seen += len(labels)
+                running += loss.item() * len(shard.indices)
+                seen += len(shard.indices)
                 advance(1, f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
             pause_point(f"{description}:epoch:{epoch + 1}")
             average_buffers(model)
@@ -139,16 +140,17 @@ def fit(
 @torch.no_grad()
 def predict(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device = torch.device("cpu")
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split, on the CPU, in dataset order."""
+) -> tuple[Nested, Nested]:
+    """Outputs (as the model gives them: tensor, tuple, dict) and targets (None when unlabelled) of a
+    whole split, on the CPU, in dataset order."""
     was_training = model.training
     model.eval()
-    logits, labels = [], []
-    for inputs, targets in make_loader(dataset, batch_size, shuffle=False):
-        logits.append(model(inputs.to(device)).float().cpu())
-        labels.append(targets)
+    outputs, targets = [], []
+    for inputs, batch_targets in iterate(dataset, batch_size):
+        outputs.append(detach_float_cpu(call_model(model, to_device(inputs, device))))
+        targets.append(batch_targets)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return concat(outputs), None if targets[0] is None else concat(targets)
 
 
 @torch.no_grad()
@@ -174,8 +176,8 @@ def recalibrate_batchnorm(
         m.momentum = None  # cumulative average over the batches
         m.train()
     try:
-        for inputs, _ in make_loader(dataset, batch_size, shuffle=False):
-            model(inputs.to(device))
+        for inputs, _ in iterate(dataset, batch_size):
+            call_model(model, to_device(inputs, device))
     finally:
         for m, (momentum, training) in zip(norms, state):
             m.momentum = momentum
