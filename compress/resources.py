@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from compress.batches import collate_items, leaves
 from compress.data import DataSplits
 from compress.errors import BadInput
 from compress.recipe import Recipe
@@ -22,8 +23,8 @@ MB = 1024**2
 def dataset_bytes(dataset: Dataset) -> int:
     if len(dataset) == 0:
         return 0
-    sample = dataset[0][0]
-    return len(dataset) * sample.numel() * sample.element_size()
+    one = collate_items([dataset[0]])
+    return len(dataset) * sum(t.numel() * t.element_size() for _, t in leaves(one))
 
 
 def estimate_mb(recipe: Recipe, data: DataSplits, model: nn.Module) -> dict[str, float]:

@@ -25,8 +25,10 @@ from compress.data import DataSplits, load_data
 from compress.errors import BadInput, GateFailed
 from compress.faults import pause_point
 from compress.gate import check_gate
-from compress.metrics import MetricFn, resolve_metric
+from compress.batches import call_model, example_input, flat_outputs, select, stack_samples, structure_text
+from compress.metrics import Metric, resolve_metric
 from compress.models import build_model, load_checkpoint
+from compress.models.pyref import first_line
 from compress.passes import get_pass
 from compress.passes.registry import check_stages
 from compress.progress import RunProgress
@@ -98,20 +100,57 @@ def stage_dir_name(index: int, name: str) -> str:
 
 
 class Evaluator:
-    """Metric of a model on one split; the validation split feeds the gates, the test split the report."""
+    """Metric of a model on one split; the validation split feeds the gates, the test split the report.
 
-    def __init__(self, data: DataSplits, metric: MetricFn, device: torch.device, batch_size: int) -> None:
-        self.data, self.metric, self.device, self.batch_size = data, metric, device, batch_size
+    Metrics read the outputs `model.output` selects. Fidelity metrics (agreement, cosine, sqnr, mse)
+    compare with the reference model's outputs on the same split: the uncompressed model's, computed once
+    per split when first needed and kept.
+    """
 
-    def logits(self, model: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(
+        self, data: DataSplits, metric: Metric, device: torch.device, batch_size: int, output: str | None = None
+    ) -> None:
+        self.data, self.metric, self.device, self.batch_size, self.output = data, metric, device, batch_size, output
+        self.reference_model: nn.Module | None = None
+        self._reference: dict[str, Any] = {}
+
+    def set_reference(self, model: nn.Module) -> None:
+        """The model fidelity metrics compare with (the baseline); kept as is, never trained."""
+        self.reference_model, self._reference = model, {}
+
+    def predict(self, model: nn.Module, split: str) -> tuple[Any, Any]:
+        """(all outputs as the model gives them, targets or None) on one split."""
         return predict(model, getattr(self.data, split), batch_size=self.batch_size, device=self.device)
 
-    def score(self, model: nn.Module, split: str = "val") -> float:
-        return float(self.metric(*self.logits(model, split)))
+    def reference(self, split: str) -> Any:
+        """The reference model's selected outputs on `split` (None when no fidelity metric needs them)."""
+        if not self.metric.against_reference:
+            return None
+        if split not in self._reference:
+            if self.reference_model is None:
+                raise RuntimeError("Evaluator: a fidelity metric needs set_reference() first")
+            self._reference[split] = self.select(self.predict(self.reference_model, split)[0])
+        return self._reference[split]
 
-    def score_and_logits(self, model: nn.Module, split: str = "val") -> tuple[float, torch.Tensor]:
-        logits, labels = self.logits(model, split)
-        return float(self.metric(logits, labels)), logits
+    def select(self, outputs: Any) -> Any:
+        return select(outputs if isinstance(outputs, dict) and _is_flat(outputs) else flat_outputs(outputs), self.output)
+
+    def judge(self, outputs: Any, targets: Any, split: str) -> float:
+        """The metric of `outputs` (all of a model's outputs, nested or flat by name) on `split`."""
+        return float(self.metric(self.select(outputs), targets, self.reference(split)))
+
+    def score(self, model: nn.Module, split: str = "val") -> float:
+        return self.score_and_outputs(model, split)[0]
+
+    def score_and_outputs(self, model: nn.Module, split: str = "val") -> tuple[float, Any]:
+        """The metric and the selected outputs it was computed from."""
+        outputs, targets = self.predict(model, split)
+        chosen = self.select(outputs)
+        return float(self.metric(chosen, targets, self.reference(split))), chosen
+
+
+def _is_flat(outputs: dict[str, Any]) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in outputs.values())
 
 
 class StageStore:
@@ -160,7 +199,9 @@ class Runner:
             if stage.gate.on_fail == "search":
                 check_searchable(stage.pass_name, config, f"{recipe_path or 'recipe'}: stages[{index}]")
         self.data = load_data(recipe.data)
-        self.evaluator = Evaluator(self.data, self.metric, self.device, max(256, recipe.data.batch_size))
+        self.evaluator = Evaluator(
+            self.data, self.metric, self.device, max(256, recipe.data.batch_size), recipe.model.output
+        )
         self.report: dict[str, Any] = {}
 
     def _check_export_tools(self) -> None:
@@ -176,13 +217,18 @@ class Runner:
 
     def load_model(self, progress: RunProgress) -> tuple[nn.Module, dict[str, Any]]:
         cfg = self.recipe.model
-        channels, height, _ = self.data.input_shape
+        channels, height, _ = self.data.input_shape or (None, None, None)
         torch.manual_seed(self.recipe.seed)
         model = build_model(cfg, in_channels=channels, num_classes=self.data.num_classes, input_size=height)
         self.resources = check_memory_budget(self.recipe, self.data, model)
         if cfg.checkpoint:
             model = load_checkpoint(model, cfg.checkpoint, trust=self.options.trust_checkpoint, arch=cfg.arch)
             source = {"source": "checkpoint", "path": cfg.checkpoint, "sha256": sha256_file(cfg.checkpoint)}
+        elif self.data.targets == "none":
+            # nothing to train a reference on: the model is used as its constructor made it (pretrained
+            # weights a python: constructor loads, say)
+            source = {"source": "constructed", "arch": cfg.arch, "note": "no checkpoint and no targets: used as constructed"}
+            progress.log(f"reference: {cfg.arch} used as constructed (no checkpoint, and the data has no targets to train on)")
         else:
             # a model that cannot take the data, or a metric that fails, is found before minutes of training
             self._check_forward(model, torch.device("cpu"))
@@ -194,26 +240,34 @@ class Runner:
         return model.eval(), source
 
     def _check_forward(self, model: nn.Module, device: torch.device | None = None) -> None:
-        example = self.data.test[0][0].unsqueeze(0).to(device or self.device)
+        example = example_input(self.data.test, device or self.device)
         try:
             with torch.no_grad():
-                logits = model.eval()(example)
+                outputs = call_model(model.eval(), example)
         except Exception as exc:
             raise BadInput(
-                f"model.arch: {self.recipe.model.arch} cannot take the data's input of shape "
-                f"{tuple(example.shape)} ({type(exc).__name__}: {exc})"
+                f"model.arch: {self.recipe.model.arch} cannot take the data's samples ({structure_text(example)}): "
+                f"{type(exc).__name__}: {first_line(exc)}"
             ) from None
-        if logits.dim() != 2 or logits.shape[1] < self.data.num_classes:
-            raise BadInput(
-                f"model.arch: output shape {tuple(logits.shape)} does not give {self.data.num_classes} "
-                "class scores per sample (set model.kwargs.num_classes?)"
-            )
+        if not flat_outputs(outputs):
+            raise BadInput(f"model.arch: {self.recipe.model.arch} returned {type(outputs).__name__}, no tensors")
+        chosen = select(flat_outputs(outputs), self.recipe.model.output)
+        if self.metric.reads_class_scores and self.data.num_classes is not None and isinstance(chosen, torch.Tensor):
+            classes = chosen.shape[-1 if chosen.dim() == 3 else 1] if chosen.dim() >= 2 else 0
+            if classes < self.data.num_classes:
+                raise BadInput(
+                    f"model.arch: output shape {tuple(chosen.shape)} does not give {self.data.num_classes} "
+                    "class scores per sample (set model.kwargs.num_classes?)"
+                )
 
     def _check_metric(self, model: nn.Module, device: torch.device | None = None) -> None:
         """The metric runs once on a few validation samples before anything is written: a user's metric
         that fails does so here, as one line naming it (resolve_metric), not after stages have run."""
         probe = Subset(self.data.val, range(min(16, len(self.data.val))))
-        self.metric(*predict(model, probe, batch_size=16, device=device or self.device))
+        outputs, targets = predict(model, probe, batch_size=16, device=device or self.device)
+        chosen = select(flat_outputs(outputs), self.recipe.model.output)
+        # a fidelity metric compares the model with itself here: what is probed is that it runs
+        self.metric(chosen, targets, chosen)
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -241,6 +295,9 @@ class Runner:
                 "export": {},
                 "failed_stage": None,
                 "resources": self.resources,
+                "data": self.data.describe(),
+                "metric": {"name": self.metric.name, "unit": self.metric.unit,
+                           "against": "reference outputs" if self.metric.against_reference else "targets"},
             }
             try:
                 state = self._baseline(model, source, progress)
@@ -262,6 +319,8 @@ class Runner:
 
     def _baseline(self, model: nn.Module, source: dict[str, Any], progress: RunProgress) -> ModelState:
         state = ModelState(model)
+        self.baseline_state = ModelState(copy.deepcopy(model).eval())
+        self.evaluator.set_reference(self.baseline_state.model)
         metric = self.evaluator.score(model, "val")
         test_metric = self.evaluator.score(model, "test")
         stats = sparsity_stats(model)
@@ -271,7 +330,6 @@ class Runner:
             atomic_torch_save(state.checkpoint(), baseline_dir / "model.pt")
             atomic_write_json(baseline_dir / "metrics.json", entry)
         self.report["baseline"] = entry
-        self.baseline_state = ModelState(copy.deepcopy(model).eval())
         # whether the reference came from the cache is not part of what the model is
         identity = {k: v for k, v in source.items() if k != "cached"}
         self.baseline_key = stable_hash({"source": identity, "seed": self.recipe.seed})
@@ -343,6 +401,8 @@ class Runner:
             baseline=self.baseline_state,
             calibration_samples=self.recipe.data.calibration_samples,
             metric=self.metric,
+            output=self.recipe.model.output,
+            score_and_outputs=lambda m: self.evaluator.score_and_outputs(m, "val"),
         )
         started = time.perf_counter()
         result = spec.apply(state, config, ctx)
@@ -392,26 +452,27 @@ class Runner:
         from compress.sensitivity import analysis_path, stage_sensitivity
 
         path = analysis_path(self.out / "stages" / stage_dir_name(index, stage.name))
-        return stage_sensitivity(stage.pass_name, config, state, self.evaluator.score_and_logits, path, progress)
+        return stage_sensitivity(stage.pass_name, config, state, self.evaluator.score_and_outputs, path, progress)
 
     def _export(self, state: ModelState, progress: RunProgress) -> None:
         from compress.export_stage import OriginalModel, export_and_verify
 
         results = None
         if distributed.is_main():
-            torch_logits, labels = self.evaluator.logits(state.model, "test")
+            torch_outputs, targets = self.evaluator.predict(state.model, "test")
             original = None
             if self.recipe.stages:  # without stages the fp32 file is the original
                 original_model = self.baseline_state.model
-                original = OriginalModel(original_model, self.evaluator.logits(original_model, "test")[0])
+                original = OriginalModel(original_model, flat_outputs(self.evaluator.predict(original_model, "test")[0]))
             results = export_and_verify(
                 state.model,
                 self.recipe.export,
                 self.data,
                 self.out / "export",
-                torch_logits=torch_logits,
-                labels=labels,
-                metric=self.metric,
+                example=example_input(self.data.test),
+                test_inputs=stack_samples(self.data.test),
+                torch_outputs=flat_outputs(torch_outputs),
+                score=lambda outputs: self.evaluator.judge(outputs, targets, "test"),
                 progress=progress,
                 original=original,
             )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from compress.batches import Nested, call_model, concat, detach_float_cpu, iterate, to_device
+from compress.batches import Nested, call_model, concat, detach_float_cpu, is_class_targets, iterate, to_device
 from compress.distributed import average_buffers, epoch_shards, reduce_gradients, shard_loader
 from compress.errors import BadInput
 from compress.losses import Objective, cross_entropy, kl
@@ -104,7 +104,9 @@ def fit(
             shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
             running, seen = 0.0, 0
             for shard, (inputs, labels) in zip(shards, shard_loader(dataset, shards)):
-                inputs = to_device(random_shift(inputs, shift, generator, of=shard.batch_size, start=shard.start), device)
+                # shifting images moves what per-pixel or box targets describe: classification only
+                moved = shift if labels is None or is_class_targets(labels) else 0
+                inputs = to_device(random_shift(inputs, moved, generator, of=shard.batch_size, start=shard.start), device)
                 labels = to_device(labels, device)
                 outputs = call_model(model, inputs)
                 loss = objective.task_loss(outputs, labels)

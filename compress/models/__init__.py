@@ -6,6 +6,7 @@ recipe's checkpoint is loaded separately by the caller (load_checkpoint).
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -23,8 +24,12 @@ __all__ = ["build_model", "builtin_names", "check_arch", "get_builtin", "load_ch
 DOWNLOAD_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
 
 
-def build_model(cfg: ModelConfig, *, in_channels: int, num_classes: int, input_size: int) -> nn.Module:
-    """A freshly initialised model; data-derived sizes apply unless cfg.kwargs sets them."""
+def build_model(
+    cfg: ModelConfig, *, in_channels: int | None, num_classes: int | None, input_size: int | None
+) -> nn.Module:
+    """A freshly initialised model; data-derived sizes apply unless cfg.kwargs sets them. They are None
+    when the data does not give them (samples that are not (C, H, W) images, targets that are not class
+    indices)."""
     source, _, name = cfg.arch.partition(":")
     if source == "builtin":
         model = _build_builtin(name, cfg.kwargs, in_channels, num_classes, input_size)
@@ -69,11 +74,17 @@ def _builtin_fn(name: str):
 
 
 def _build_builtin(
-    name: str, kwargs: dict[str, Any], in_channels: int, num_classes: int, input_size: int
+    name: str, kwargs: dict[str, Any], in_channels: int | None, num_classes: int | None, input_size: int | None
 ) -> nn.Module:
     fn = _builtin_fn(name)
-    full = {"in_channels": in_channels, "num_classes": num_classes, "input_size": input_size, **kwargs}
-    return _call(fn, full, f"builtin:{name}")
+    if in_channels is None or input_size is None:
+        raise BadInput(f"model.arch: builtin:{name} takes (C, H, W) images, and the data's samples are not images")
+    if num_classes is None and "num_classes" not in kwargs:
+        raise BadInput(f"model.arch: builtin:{name} is a classifier and the data has no class targets; set model.kwargs.num_classes")
+    sizes = {"in_channels": in_channels, "input_size": input_size}
+    if num_classes is not None:
+        sizes["num_classes"] = num_classes
+    return _call(fn, {**sizes, **kwargs}, f"builtin:{name}")
 
 
 def _torchvision_models(name: str):
@@ -88,7 +99,9 @@ def _check_torchvision_name(name: str) -> None:
         raise BadInput(f"model.arch: unknown torchvision model {name!r}{hint}")
 
 
-def _build_torchvision(name: str, kwargs: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+def _build_torchvision(
+    name: str, kwargs: dict[str, Any], in_channels: int | None, num_classes: int | None
+) -> nn.Module:
     _check_torchvision_name(name)
     get_model = _torchvision_models(name).get_model
     refused = [k for k in kwargs if k in DOWNLOAD_KWARGS]
@@ -97,9 +110,13 @@ def _build_torchvision(name: str, kwargs: dict[str, Any], in_channels: int, num_
             f"model.kwargs: {refused[0]!r} is not allowed (it downloads weights); "
             "give pretrained weights as model.checkpoint instead"
         )
-    full = {"num_classes": num_classes, **kwargs}
-    model = _call(lambda **kw: get_model(name, weights=None, **kw), full, f"torchvision:{name}")
-    _check_input_channels(model, in_channels, f"torchvision:{name}")
+    full = {**({"num_classes": num_classes} if num_classes is not None else {}), **kwargs}
+    # segmentation and detection builders default to an ImageNet backbone, which would download
+    builder_params = inspect.signature(_torchvision_models(name).get_model_builder(name)).parameters
+    no_download = {k: None for k in ("weights_backbone",) if k in builder_params}
+    model = _call(lambda **kw: get_model(name, weights=None, **no_download, **kw), full, f"torchvision:{name}")
+    if in_channels is not None:
+        _check_input_channels(model, in_channels, f"torchvision:{name}")
     return model
 
 
