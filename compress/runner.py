@@ -217,6 +217,11 @@ class Runner:
 
     def load_model(self, progress: RunProgress) -> tuple[nn.Module, dict[str, Any]]:
         cfg = self.recipe.model
+        if self.data.input_shape is None and cfg.arch.startswith("builtin:"):
+            raise BadInput(
+                f"model.arch: {cfg.arch} takes (C, H, W) images; the data's samples are "
+                f"{structure_text(example_input(self.data.test))} per batch of one"
+            )
         channels, height, _ = self.data.input_shape or (None, None, None)
         torch.manual_seed(self.recipe.seed)
         model = build_model(cfg, in_channels=channels, num_classes=self.data.num_classes, input_size=height)

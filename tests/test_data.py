@@ -187,7 +187,7 @@ def user_datasets(tmp_path, monkeypatch):
                 return Probe([0, 1] * 20), Probe([1, 0] * 5)
 
             def tiny():
-                return _blobs(4, 4, 0), _blobs(4, 4, 1)
+                return _blobs(1, 1, 0), _blobs(4, 4, 1)  # one training sample: nothing left for validation
 
             def empty():
                 return _blobs(0, 2, 0), _blobs(4, 2, 1)
