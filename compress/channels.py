@@ -7,8 +7,9 @@ physically smaller model. See ALGORITHMS.md section 1.
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import warnings
@@ -17,42 +18,55 @@ import torch
 from torch import nn
 
 from compress.attention import HeadAttention, UnsupportedLayer, attention_modules
+from compress.batches import Nested, call_model
 from compress.errors import BadInput
-from compress.sparsity import PRUNABLE_TYPES, output_layer_name
+from compress.sparsity import PRUNABLE_TYPES, output_layer_names
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of one forward pass on `example` (Torch-Pruning's counter)."""
+def count_macs(model: nn.Module, example: Nested) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass on `example`, a batch of one sample of any structure
+    (Torch-Pruning's counter calls model(x), model(*x) or model(**x) as compress.batches.call_model does)."""
     import torch_pruning as tp
 
     was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    # with keyword inputs it prints a warning per module (no positional input to count the batch by)
+    with contextlib.redirect_stdout(io.StringIO()):
+        macs, params = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     return int(macs), int(params)
+
+
+def _forward(model: nn.Module, example: Nested) -> Any:
+    """Torch-Pruning's forward_fn: the model called on a sample as compress calls it everywhere (its own
+    default tries model(*x) first, which for a lone tensor iterates over the batch axis)."""
+    return call_model(model, example)
 
 
 class ChannelPruner:
     """Removes channels by group L2 magnitude, in steps whose cumulative channel ratios are `ratios`.
 
     Layers outside `selected` keep their output channels (their inputs may still shrink when the layer
-    feeding them is pruned); the classifier is always kept, since its outputs are the classes.
+    feeding them is pruned); the output layers of every head (`classifier`: one name or several; and
+    whatever sparsity.output_layer_names finds on `example`) are always kept, since their outputs are the
+    model's. `example` is a batch of one sample of any structure (a tensor, a tuple or a dict of them).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        example: torch.Tensor,
+        example: Nested,
         *,
         ratios: Sequence[float],
         global_ranking: bool,
         selected: dict[str, nn.Module],
-        classifier: str | None,
+        classifier: str | Collection[str] | None,
         round_to: int | None,
     ) -> None:
+        kept = {classifier} if isinstance(classifier, str) else set(classifier or ())
         ignored = [
             module
             for name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_TYPES) and (name not in selected or name == classifier)
+            if isinstance(module, PRUNABLE_TYPES) and (name not in selected or name in kept)
         ]
         cumulative = [0.0, *ratios]
         # attention: whole heads are the structured groups (Torch-Pruning's num_heads on the packed qkv)
@@ -67,7 +81,7 @@ class ChannelPruner:
             # the graph is built from autograd's record
             with torch.enable_grad(), warnings.catch_warnings(), _shuffle_as_identity(model, regrouping):
                 warnings.filterwarnings("ignore", message="Unwrapped parameters", category=UserWarning)
-                ignored += _output_layer(model, example) + _normalized_residual_layers(model, example, ignored)
+                ignored += _output_layers(model, example) + _normalized_residual_layers(model, example, ignored)
                 if regrouping is not None:
                     ignored += _shuffled_layers(model, example, ignored)
                 self.pruner = _base_pruner(model, example, cumulative, global_ranking, ignored, round_to, num_heads)
@@ -104,7 +118,7 @@ class ChannelPruner:
 
 def _base_pruner(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Nested,
     cumulative: list[float],
     global_ranking: bool,
     ignored: list[nn.Module],
@@ -116,6 +130,7 @@ def _base_pruner(
     return tp.pruner.BasePruner(
         model,
         example,
+        forward_fn=_forward,
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=cumulative[-1],
         global_pruning=global_ranking,
@@ -130,7 +145,7 @@ def _base_pruner(
     )
 
 
-def _graph_error(model: nn.Module, example: torch.Tensor, exc: Exception) -> BadInput:
+def _graph_error(model: nn.Module, example: Nested, exc: Exception) -> BadInput:
     """Torch-Pruning could not build its dependency graph: name the module that regroups channels (a
     channel shuffle, which it cannot map indices through) when there is one."""
     reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -144,7 +159,7 @@ def _graph_error(model: nn.Module, example: torch.Tensor, exc: Exception) -> Bad
     return BadInput(f"granularity channels: Torch-Pruning could not build the model's dependency graph ({reason})")
 
 
-def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
+def _channel_regrouping_module(model: nn.Module, example: Nested) -> tuple[str, str] | None:
     """(path, type) of the innermost module whose forward views a feature map's channel axis into
     groups, [B, C, H, W] -> [B, g, C/g, H, W] (ShuffleNet's channel_shuffle)."""
     from torch.overrides import TorchFunctionMode
@@ -176,7 +191,7 @@ def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple
         handles.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad(), Watch():
-            model(example)
+            call_model(model, example)
     except Exception:
         pass
     finally:
@@ -185,13 +200,13 @@ def _channel_regrouping_module(model: nn.Module, example: torch.Tensor) -> tuple
     return found[0] if found else None
 
 
-def _output_layer(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The last Conv/Linear a forward pass runs: its outputs are the model's (SqueezeNet ends in a conv)."""
-    name = output_layer_name(model, example)
-    return [model.get_submodule(name)] if name is not None else []
+def _output_layers(model: nn.Module, example: Nested) -> list[nn.Module]:
+    """The final prediction layers of every output (sparsity.output_layer_names): their output channels
+    are the model's (SqueezeNet's classifier conv, a detector's per-level box and class convs)."""
+    return [model.get_submodule(name) for name in output_layer_names(model, example)]
 
 
-def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:
+def _normalized_residual_layers(model: nn.Module, example: Nested, ignored: list[nn.Module]) -> list[nn.Module]:
     """Layers writing channels that a LayerNorm normalises (the residual stream of transformers and
     ConvNeXt): kept at full width, so pruning there takes MLP hidden channels and attention heads.
 
@@ -202,7 +217,7 @@ def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored
 
     if not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
         return []
-    graph = tp.DependencyGraph().build_dependency(model, example)
+    graph = tp.DependencyGraph().build_dependency(model, example, forward_fn=_forward)
     keep: list[nn.Module] = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_TYPES)):
         if any(isinstance(dep.target.module, nn.LayerNorm) for dep, _ in group):
@@ -214,7 +229,7 @@ def _normalized_residual_layers(model: nn.Module, example: torch.Tensor, ignored
     return keep
 
 
-def _shuffled_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:
+def _shuffled_layers(model: nn.Module, example: Nested, ignored: list[nn.Module]) -> list[nn.Module]:
     """Layers writing channels that reach a concatenation or a split: in a model with a channel shuffle
     (ShuffleNet: concat, shuffle, split in every block) these are the channels the shuffle permutes, kept
     at full width, as is every layer whose group Torch-Pruning cannot map (its split indices fail on the
@@ -222,7 +237,7 @@ def _shuffled_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.M
     import torch_pruning as tp
 
     regrouping = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT)
-    graph = tp.DependencyGraph().build_dependency(model, example)
+    graph = tp.DependencyGraph().build_dependency(model, example, forward_fn=_forward)
     keep: list[nn.Module] = []
     for module in [m for m in graph.module2node if isinstance(m, PRUNABLE_TYPES) and m not in ignored]:
         pruner = graph.get_pruner_of_module(module)

@@ -8,15 +8,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from compress.batches import Nested, call_model, leaves
+
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def classifier_name(model: nn.Module, example: torch.Tensor | None = None) -> str | None:
+def classifier_name(model: nn.Module, example: Nested | None = None) -> str | None:
     """The output layer: the classifier, which pruning leaves alone unless asked.
 
-    With an `example` input, the last Conv/Linear a forward pass runs (SqueezeNet's classifier is a
-    1x1 convolution); without, the last Linear in module order, or the last convolution where the model
-    has no Linear at all.
+    With an `example` input (a batch of one sample, any structure), the last Conv/Linear a forward pass
+    runs (SqueezeNet's classifier is a 1x1 convolution); without, the last Linear in module order, or the
+    last convolution where the model has no Linear at all. `output_layer_names` finds every output head's.
     """
     if example is not None:
         return output_layer_name(model, example)
@@ -30,14 +32,14 @@ def classifier_name(model: nn.Module, example: torch.Tensor | None = None) -> st
 
 
 @torch.no_grad()
-def output_layer_name(model: nn.Module, example: torch.Tensor) -> str | None:
+def output_layer_name(model: nn.Module, example: Nested) -> str | None:
     """The name of the last Conv/Linear layer that a forward pass on `example` runs (eval mode)."""
     names = {module: name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
     order: list[str] = []
     handles = [m.register_forward_hook(lambda module, _a, _o: order.append(names[module])) for m in names]
     was_training = model.training
     try:
-        model.eval()(example)
+        call_model(model.eval(), example)
     finally:
         for handle in handles:
             handle.remove()
@@ -45,19 +47,79 @@ def output_layer_name(model: nn.Module, example: torch.Tensor) -> str | None:
     return order[-1] if order else None
 
 
+def output_layer_names(model: nn.Module, example: Nested) -> list[str]:
+    """The final prediction layers of every output: for each output tensor (a tuple's, a dict's: a
+    detector's boxes and class scores, a segmenter's `out`), the Conv/Linear layers whose outputs reach it
+    through no other Conv/Linear layer nor a normalisation (found on autograd's record of one forward
+    pass on `example`, in eval mode). SSDLite's 12 per-level box and class convolutions, LR-ASPP's low and
+    high classifiers, a classifier's last Linear.
+
+    An output that no such layer reaches (a transformer's normalised hidden state) gets the last layer
+    the pass runs, as `output_layer_name`; in module order.
+    """
+    names = {module: name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+    made_by: dict[Any, str] = {}
+    order: list[str] = []
+
+    def record(module: nn.Module, _args: Any, output: Any) -> None:
+        order.append(names[module])
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            made_by[output.grad_fn] = names[module]
+
+    handles = [m.register_forward_hook(record) for m in names]
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            outputs = call_model(model.eval(), example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    found: set[str] = set()
+    for _, tensor in leaves(outputs):
+        reached = _layers_reaching(tensor.grad_fn, made_by)
+        found |= reached if reached else ({order[-1]} if order else set())
+    return [name for name in names.values() if name in found]
+
+
+def _layers_reaching(root: Any, made_by: dict[Any, str]) -> set[str]:
+    """Layers (by `made_by`, grad_fn -> name) met first walking autograd's graph back from `root`; the
+    walk stops at each layer's output and at normalisations (what precedes a norm is no prediction)."""
+    found: set[str] = set()
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made_by:
+            found.add(made_by[node])
+            continue
+        if "Norm" in type(node).__name__:
+            continue
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return found
+
+
 def prunable_layers(
     model: nn.Module,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
     include_classifier: bool = False,
-    example: torch.Tensor | None = None,
+    example: Nested | None = None,
 ) -> dict[str, nn.Module]:
     """Conv/Linear layers selected by fnmatch patterns on module names (SparseML/ModelOpt style); the
-    classifier (classifier_name, found by a forward pass on `example` where given) unless included."""
-    skip_classifier = None if include_classifier else classifier_name(model, example)
+    output layers unless included: every output head's final prediction layers (output_layer_names)
+    found by a forward pass on `example` where given, else the classifier by module order."""
+    skipped: set[str] = set()
+    if not include_classifier:
+        if example is not None:
+            skipped = set(output_layer_names(model, example))
+        elif (name := classifier_name(model)) is not None:
+            skipped = {name}
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) or name == skip_classifier:
+        if not isinstance(module, PRUNABLE_TYPES) or name in skipped:
             continue
         if targets and not any(fnmatch(name, pattern) for pattern in targets):
             continue

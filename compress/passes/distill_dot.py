@@ -5,6 +5,12 @@ student (ALGORITHMS.md section 4). `trainer: kd` (one SGD-momentum optimizer on 
 `trainer: ce` (cross-entropy alone, no teacher) run the same loop, data order and schedule, so the
 benefit of distillation and of DOT is measured in the same recipe. Pruning masks stay enforced, so the
 sparsity a stage came in with is the sparsity it leaves with. Runs data-parallel under torchrun.
+
+Any task: the task loss is `loss` (ce, mse, python:; auto by the targets) and the distillation loss
+`kd_loss` (kl, mse, cosine; auto by the metric), both on the outputs `model.output` selects
+(compress/losses.py). Without targets there is no task loss: the student learns from the teacher alone,
+by SGD with momentum on the distillation loss (DOT's two momenta balance two gradients; with one there is
+nothing to balance), and the stage's report says so.
 """
 from __future__ import annotations
 
@@ -16,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from compress.atomic import atomic_torch_save
+from compress.batches import Nested, call_model, leaves, split_item, structure_text, to_device
 from compress.distributed import (
     average_buffers,
     epoch_shards,
@@ -31,26 +37,28 @@ from compress.distributed import (
     world_size,
 )
 from compress.errors import BadInput
+from compress.losses import Objective, cross_entropy, kl
 from compress.models import build_model, check_arch, load_checkpoint
 from compress.optim import DOT
+from compress.passes.prune_magnitude import LossConfig, loss_name
 from compress.passes.registry import PassResult, register_pass
 from compress.progress import RunProgress
 from compress.recipe import SOURCE_PREFIXES, ModelConfig, StrictModel
 from compress.sparsity import apply_masks
 from compress.state import ModelState, StageContext
-from compress.train import kd_loss, make_scheduler, random_shift
+from compress.train import make_scheduler, random_shift
 
 OPTIMIZER_FORMAT = "compress.distill.optimizer/1"
 TEACHER_CHOICES = ("baseline", "previous")
 
 
-class DistillDotConfig(StrictModel):
+class DistillDotConfig(LossConfig):
     # defaults: DOT's CIFAR setting (ALGORITHMS.md section 4); ImageNet-like data wants T=1, w_ce=w_kd=0.5
     epochs: int = Field(5, ge=0, le=1000)
     lr: float = Field(0.05, gt=0)
     temperature: float = Field(4.0, gt=0)
-    w_ce: float = Field(0.1, ge=0, description="weight of the task (cross-entropy) loss")
-    w_kd: float = Field(0.9, ge=0, description="weight of the distillation loss (KL at T, times T^2)")
+    w_ce: float = Field(0.1, ge=0, description="weight of the task loss (`loss`)")
+    w_kd: float = Field(0.9, ge=0, description="weight of the distillation loss (`kd_loss`; kl: KL at T, times T^2)")
     momentum: float = Field(0.9, ge=0, lt=1)
     # 0.03, not the paper's 0.075 (CIFAR, 240 epochs): compress distils in short stages, and on MNIST-5k
     # (bench/distill.py, 3 seeds) 0.075 lost to plain kd (ResNet-8 student, 10 epochs: 97.23% vs 97.53%;
@@ -98,24 +106,41 @@ class DistillRun:
 
 
 def _gradients(
-    student: nn.Module, teacher: nn.Module | None, x: Tensor, y: Tensor, params: list[Tensor], cfg: DistillDotConfig
+    student: nn.Module,
+    teacher: nn.Module | None,
+    x: Nested,
+    y: Any,
+    params: list[Tensor],
+    cfg: DistillDotConfig,
+    objective: Objective,
+    trainer: str,
 ) -> tuple[list[list[Tensor | None]], float]:
-    """The trainer's gradient sets from one forward of the student: [task, kd] for dot, one set otherwise."""
-    logits = student(x)
-    task = F.cross_entropy(logits, y)
-    if cfg.trainer == "ce":
+    """The trainer's gradient sets from one forward of the student: [task, kd] for dot, one set otherwise.
+    Without a task loss (no targets) `trainer` is kd and its one set is the weighted distillation loss's."""
+    outputs = call_model(student, x)
+    task = objective.task_loss(outputs, y)
+    if trainer == "ce":
+        assert task is not None
         return [list(torch.autograd.grad(task, params, allow_unused=True))], task.item()
+    assert teacher is not None
     with torch.no_grad():
-        teacher_logits = teacher(x)
-    distill = kd_loss(logits, teacher_logits, cfg.temperature)
-    task, distill = cfg.w_ce * task, cfg.w_kd * distill
-    if cfg.trainer == "kd":
+        teacher_outputs = call_model(teacher, x)
+    distill = cfg.w_kd * objective.distill_loss(outputs, teacher_outputs, cfg.temperature)
+    if task is None:
+        return [list(torch.autograd.grad(distill, params, allow_unused=True))], distill.item()
+    task = cfg.w_ce * task
+    if trainer == "kd":
         total = task + distill
         return [list(torch.autograd.grad(total, params, allow_unused=True))], total.item()
     # two gradients of one graph: the second backward reuses the forward's saved activations
     g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(distill, params, allow_unused=True)
     return [list(g_task), list(g_kd)], task.item() + distill.item()
+
+
+def task_free(objective: Objective, dataset: Dataset) -> bool:
+    """No task loss to train on: the objective has none (loss auto on unlabelled data), or the data no targets."""
+    return objective.task is None or split_item(dataset[0])[1] is None
 
 
 def _scheduler(
@@ -142,14 +167,28 @@ def distill(
     masks: dict[str, Tensor] | None = None,
     progress: RunProgress | None = None,
     description: str = "distill",
+    objective: Objective | None = None,
 ) -> DistillRun:
     """Train `student` in place; masked weights stay exactly zero. Data-parallel under torchrun: each
-    gradient set is reduced on its own, so the update equals one process's on the global batch."""
+    gradient set is reduced on its own, so the update equals one process's on the global batch.
+
+    `objective` (default: cross-entropy and KL) gives the task and distillation losses. Where it has no
+    task loss or the data no targets, dot and kd train on the distillation loss alone with SGD with
+    momentum (`task_free`); ce has nothing to train on and is refused."""
+    objective = objective or Objective(cross_entropy, kl)
+    trainer = cfg.trainer
+    if task_free(objective, dataset):
+        if trainer == "ce":
+            raise BadInput(
+                f"{description}: params.trainer: ce trains on the task loss alone, and the data has no targets "
+                "(use trainer dot or kd: distillation alone)"
+            )
+        trainer = "kd"
     masks = masks or {}
     named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     keep = [masks.get(name) for name, _ in named]
-    if cfg.trainer == "dot":
+    if trainer == "dot":
         optimizer: torch.optim.Optimizer = DOT(
             params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.delta, weight_decay=cfg.weight_decay
         )
@@ -167,14 +206,14 @@ def distill(
             shards = epoch_shards(len(dataset), batch_size, seed * 1009 + epoch)
             running = 0.0
             for step, (shard, (x, y)) in enumerate(zip(shards, shard_loader(dataset, shards)), start=1):
-                x = random_shift(x, cfg.shift, generator, of=shard.batch_size, start=shard.start).to(device)
-                grad_sets, loss = _gradients(student, teacher, x, y.to(device), params, cfg)
+                x = to_device(random_shift(x, cfg.shift, generator, of=shard.batch_size, start=shard.start), device)
+                grad_sets, loss = _gradients(student, teacher, x, to_device(y, device), params, cfg, objective, trainer)
                 for grads in grad_sets:
                     reduce_gradients(grads, shard.share)
                     for grad, mask in zip(grads, keep):
                         if grad is not None and mask is not None:
                             grad.mul_(mask.to(grad.dtype))
-                if cfg.trainer == "dot":
+                if trainer == "dot":
                     optimizer.step(*grad_sets)
                 else:
                     for p, grad in zip(params, grad_sets[0]):
@@ -218,7 +257,7 @@ def check_teacher(cfg: DistillDotConfig, recipe_dir: Path | None, where: str) ->
 
 
 def _source_teacher(cfg: DistillDotConfig, ctx: StageContext) -> nn.Module:
-    channels, height, _ = ctx.data.input_shape
+    channels, height, _ = ctx.data.input_shape or (None, None, None)
     where = f"stage {ctx.stage_name!r}: params"
     check_teacher(cfg, ctx.recipe_dir, where)
     try:
@@ -240,7 +279,8 @@ def _source_teacher(cfg: DistillDotConfig, ctx: StageContext) -> nn.Module:
 
 
 def resolve_teacher(cfg: DistillDotConfig, state: ModelState, ctx: StageContext) -> nn.Module:
-    """A private, frozen copy: the baseline must stay as it was, and `previous` must not follow the student."""
+    """A private, frozen copy: the baseline must stay as it was, and `previous` must not follow the student.
+    Its outputs must have the student's structure: the same tensors (by name) of the same shapes."""
     if cfg.teacher == "baseline":
         if ctx.baseline is None:
             raise BadInput(f"stage {ctx.stage_name!r}: params.teacher: no baseline model in this context")
@@ -250,22 +290,34 @@ def resolve_teacher(cfg: DistillDotConfig, state: ModelState, ctx: StageContext)
     else:
         teacher = _source_teacher(cfg, ctx)
     teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-    example = ctx.data.train[0][0].unsqueeze(0).to(ctx.device)
+    example = ctx.example()
     try:
         with torch.no_grad():
-            got, want = teacher(example).shape, state.model.eval()(example).shape
+            got = call_model(teacher, example)
     except Exception as exc:
         raise BadInput(f"stage {ctx.stage_name!r}: params.teacher: {cfg.teacher} cannot take the data's input ({type(exc).__name__}: {exc})") from None
-    if got != want:
+    was_training = state.model.training
+    with torch.no_grad():
+        want = call_model(state.model.eval(), example)
+    state.model.train(was_training)
+    shapes = lambda outputs: [(name, tuple(t.shape)) for name, t in leaves(outputs)]  # noqa: E731
+    if shapes(got) != shapes(want):
         raise BadInput(
-            f"stage {ctx.stage_name!r}: params.teacher: {cfg.teacher} gives logits of shape {tuple(got)}, "
-            f"the student {tuple(want)}"
+            f"stage {ctx.stage_name!r}: params.teacher: {cfg.teacher} gives outputs {structure_text(got)}, "
+            f"the student {structure_text(want)}"
         )
     return teacher
 
 
 @register_pass("distill.dot", DistillDotConfig, check=check_teacher)
 def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> PassResult:
+    objective = ctx.objective(cfg.loss, cfg.kd_loss)
+    labelled = split_item(ctx.data.train[0])[1] is not None
+    if not labelled and cfg.loss != "auto":
+        raise BadInput(
+            f"stage {ctx.stage_name!r}: params.loss: {cfg.loss} needs targets, and the data has none "
+            "(leave loss auto to distil on the distillation loss alone)"
+        )
     teacher = None if cfg.trainer == "ce" else resolve_teacher(cfg, state, ctx)
     metric_before = ctx.evaluate(state.model)
     info: dict[str, Any] = {
@@ -275,6 +327,16 @@ def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> 
         "metric_before_distill": metric_before,
         "world_size": world_size(),
     }
+    if task_free(objective, ctx.data.train):
+        info["task_loss"] = "none (unlabelled data): distillation loss alone"
+        info["update"] = (
+            f"SGD with momentum {cfg.momentum} on the distillation gradient"
+            + (" (DOT's two momenta need a task loss)" if cfg.trainer == "dot" else "")
+        )
+    else:
+        info["task_loss"] = cfg.loss if cfg.loss != "auto" else loss_name(objective.task)
+    if teacher is not None:
+        info["kd_loss"] = loss_name(objective.distill)
     run = distill(
         state.model,
         teacher,
@@ -286,6 +348,7 @@ def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> 
         masks=state.masks,
         progress=ctx.progress,
         description=f"{ctx.stage_name}: distill ({cfg.trainer})",
+        objective=objective,
     )
     info["seconds_per_epoch"] = sum(run.epoch_seconds) / len(run.epoch_seconds) if run.epoch_seconds else 0.0
     info["final_loss"] = run.last_loss
@@ -305,3 +368,4 @@ def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> 
             )
         info["optimizer_state"] = str(Path("stages") / ctx.stage_dir.name / path.name)
     return PassResult(state, info)
+

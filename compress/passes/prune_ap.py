@@ -21,8 +21,8 @@ from compress.dnr import dead_neuron_rate
 from compress.passes.prune_magnitude import (
     SelectionConfig,
     before_after,
-    example_input,
     finetune,
+    finetune_info,
     finetune_teacher,
     measure,
     rewind_to,
@@ -82,11 +82,11 @@ def ap_masks(
 @register_pass("prune.ap", APConfig)
 def prune_ap(state: ModelState, cfg: APConfig, ctx: StageContext) -> PassResult:
     layers = select_layers(state.model, cfg, ctx)
-    example = example_input(ctx)
+    example = ctx.example()
     before = measure(state.model, ctx, example, dnr=True)
     initial, _, total = targeted_sparsity(layers)
     stage_start = {k: v.detach().clone() for k, v in state.model.state_dict().items()} if cfg.rewind else None
-    teacher = finetune_teacher(state, cfg.finetune)
+    teacher = finetune_teacher(state, cfg.finetune, ctx)
     cycles = []
     for index, target in enumerate(cycle_sparsities(initial, cfg.sparsity, cfg.cycles)):
         start = {f"{name}.weight": module.weight.detach().clone() for name, module in layers.items()}
@@ -109,6 +109,7 @@ def prune_ap(state: ModelState, cfg: APConfig, ctx: StageContext) -> PassResult:
             "granularity": "unstructured",
             "scope": cfg.scope,
             "ap_share": cfg.ap_share,
+            **finetune_info(cfg.finetune, ctx),
             "pruned_layers": sorted(layers),
             "cycles": cycles,
             "metric_before_finetune": cycles[-1]["metric_after_prune"],

@@ -13,22 +13,24 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from compress.batches import Nested, call_model, split_item
 from compress.channels import ChannelPruner, channel_counts, count_macs, remap_masks
 from compress.data import calibration_subset
 from compress.distributed import epoch_shards
 from compress.dnr import dead_neuron_rate
 from compress.errors import BadInput
+from compress.losses import LOSSES, Objective
 from compress.passes.registry import PassResult, register_pass
 from compress.recipe import StrictModel
 from compress.sparsity import (
     apply_masks,
-    classifier_name,
     magnitude_masks,
     merge_masks,
     nm_masks,
+    output_layer_names,
     prunable_layers,
     randomized_masks,
     targeted_sparsity,
@@ -37,7 +39,27 @@ from compress.state import ModelState, StageContext
 from compress.train import fit, recalibrate_batchnorm
 
 
-class FinetuneConfig(StrictModel):
+class LossConfig(StrictModel):
+    """The losses a training pass takes (compress/losses.py): `loss` on the targets, `kd_loss` against a teacher."""
+
+    loss: str = Field(
+        "auto",
+        description="task loss: auto (ce for class targets, mse for float targets, none without targets) | "
+        "ce | mse | python:module:callable(outputs, targets)",
+    )
+    kd_loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto", description="distillation loss: auto (kl for class scores, cosine for a cosine metric, else mse) | kl | mse | cosine"
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in LOSSES and not value.startswith("python:"):
+            raise ValueError(f"unknown loss {value!r} (known: {', '.join(LOSSES)}, python:module:callable)")
+        return value
+
+
+class FinetuneConfig(LossConfig):
     epochs: int = Field(2, ge=0, le=1000)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -45,9 +67,13 @@ class FinetuneConfig(StrictModel):
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     shift: int = Field(0, ge=0, le=8, description="random +-pixel shifts (augmentation), as in reference training")
     distill: float = Field(
-        0.0, ge=0, le=1, description="weight of distillation from the stage's input model (the rest: cross-entropy)"
+        0.0,
+        ge=0,
+        le=1,
+        description="weight of distillation from the stage's input model (the rest: the task loss); data "
+        "without targets fine-tunes on distillation alone",
     )
-    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature")
+    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature (kd_loss kl)")
 
 
 class SelectionConfig(StrictModel):
@@ -57,7 +83,9 @@ class SelectionConfig(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     targets: list[str] = Field(default_factory=list, description="module-name patterns; empty = all conv/linear")
     ignore: list[str] = Field(default_factory=list)
-    prune_classifier: bool = False
+    prune_classifier: bool = Field(
+        False, description="also prune the output layers (every output head's final prediction layers)"
+    )
     measure_dnr: bool = Field(True, description="report the dead-neuron rate before and after")
 
 
@@ -109,14 +137,45 @@ class MagnitudePruneConfig(SelectionConfig):
         return self
 
 
-def finetune_teacher(state: ModelState, cfg: FinetuneConfig) -> nn.Module | None:
-    """With `distill`, a frozen copy of the model as the stage received it: every later fine-tuning run
-    of the stage learns from its logits (SparseML's and ModelOpt's dense teacher for sparse fine-tuning)."""
-    if cfg.distill == 0 or cfg.epochs == 0:
+def finetune_teacher(state: ModelState, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module | None:
+    """With `distill`, or data without targets (nothing else to learn from), a frozen copy of the model
+    as the stage received it: every later fine-tuning run of the stage learns from its outputs
+    (SparseML's and ModelOpt's dense teacher for sparse fine-tuning)."""
+    if cfg.epochs == 0 or (cfg.distill == 0 and _has_task_loss(cfg, ctx)):
         return None
     teacher = copy.deepcopy(state.model).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def _has_task_loss(cfg: FinetuneConfig, ctx: StageContext) -> bool:
+    """Whether fine-tuning has a task loss: the data has targets (an explicit loss without them is refused)."""
+    if split_item(ctx.data.train[0])[1] is not None:
+        return True
+    if cfg.loss != "auto":
+        raise BadInput(
+            f"stage {ctx.stage_name!r}: params.finetune.loss: {cfg.loss} needs targets, and the data has none "
+            "(leave loss auto to fine-tune on distillation from the stage's input model alone)"
+        )
+    return False
+
+
+def finetune_info(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
+    """What the fine-tuning of a stage trained on, for the report."""
+    if cfg.epochs == 0:
+        return {}
+    objective = ctx.objective(cfg.loss, cfg.kd_loss)
+    if not _has_task_loss(cfg, ctx):
+        return {"finetune_loss": "none (unlabelled data): distillation loss alone", "finetune_kd_loss": loss_name(objective.distill)}
+    info = {"finetune_loss": cfg.loss if cfg.loss != "auto" else loss_name(objective.task)}
+    if cfg.distill > 0:
+        info["finetune_kd_loss"] = loss_name(objective.distill)
+    return info
+
+
+def loss_name(fn: Any) -> str:
+    """A resolved loss function by the name its `loss` / `kd_loss` param gives it (for the report)."""
+    return {"cross_entropy": "ce", "kd_mse": "mse", "kd_cosine": "cosine"}.get(fn.__name__, fn.__name__)
 
 
 def finetune(
@@ -127,8 +186,11 @@ def finetune(
     on_step: Callable[[int], None] | None = None,
     teacher: nn.Module | None = None,
 ) -> None:
+    """Fine-tune on the task loss (`loss`), plus distillation from `teacher` (`distill`, `kd_loss`);
+    without targets, on distillation from `teacher` alone."""
     if cfg.epochs == 0:
         return
+    objective: Objective = ctx.objective(cfg.loss, cfg.kd_loss)
     fit(
         state.model,
         ctx.data.train,
@@ -146,8 +208,9 @@ def finetune(
         description=description,
         on_step=on_step,
         teacher=teacher,
-        distill_weight=cfg.distill,
+        distill_weight=cfg.distill if _has_task_loss(cfg, ctx) else 1.0,
         temperature=cfg.temperature,
+        objective=objective,
     )
 
 
@@ -182,17 +245,14 @@ def step_targets(cfg: MagnitudePruneConfig, initial: float, final: float) -> lis
 
 
 def select_layers(model: nn.Module, cfg: SelectionConfig, ctx: StageContext) -> dict[str, nn.Module]:
-    layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier, example=example_input(ctx))
+    """The layers to prune: params.targets/ignore; the output layers of every head unless prune_classifier."""
+    layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier, example=ctx.example())
     if not layers:
         raise BadInput(f"stage {ctx.stage_name!r}: params.targets/ignore select no Conv or Linear layer to prune")
     return layers
 
 
-def example_input(ctx: StageContext) -> torch.Tensor:
-    return ctx.data.train[0][0].unsqueeze(0).to(ctx.device)
-
-
-def measure(model: nn.Module, ctx: StageContext, example: torch.Tensor, dnr: bool) -> dict[str, Any]:
+def measure(model: nn.Module, ctx: StageContext, example: Nested, dnr: bool) -> dict[str, Any]:
     """What the report compares before and after a pruning stage."""
     macs, params = count_macs(model, example)
     zeros = total = 0
@@ -231,9 +291,9 @@ def rewind_to(model: nn.Module, snapshot: dict[str, torch.Tensor], masks: dict[s
 @register_pass("prune.magnitude", MagnitudePruneConfig)
 def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageContext) -> PassResult:
     layers = select_layers(state.model, cfg, ctx)
-    example = example_input(ctx)
+    example = ctx.example()
     before = measure(state.model, ctx, example, cfg.measure_dnr)
-    teacher = finetune_teacher(state, cfg.finetune)
+    teacher = finetune_teacher(state, cfg.finetune, ctx)
     if cfg.granularity == "channels":
         info = _prune_channels(state, cfg, ctx, layers, example, teacher)
     elif cfg.granularity == "nm":
@@ -249,6 +309,7 @@ def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageCont
             "scope": cfg.scope,
             "schedule": cfg.schedule,
             "mode": cfg.mode,
+            **finetune_info(cfg.finetune, ctx),
             **info,
             **before_after(before, after),
         },
@@ -400,7 +461,7 @@ def _prune_channels(
     cfg: MagnitudePruneConfig,
     ctx: StageContext,
     layers: dict[str, nn.Module],
-    example: torch.Tensor,
+    example: Nested,
     teacher: nn.Module | None,
 ) -> dict[str, Any]:
     model = state.model
@@ -412,7 +473,7 @@ def _prune_channels(
         ratios=ratios,
         global_ranking=cfg.scope == "global",
         selected=layers,
-        classifier=classifier_name(model, example),
+        classifier=output_layer_names(model, example),
         round_to=cfg.round_to,
     )
     steps = []
@@ -442,11 +503,11 @@ def _prune_channels(
     }
 
 
-def _check_still_runs(model: nn.Module, example: torch.Tensor, ctx: StageContext) -> None:
+def _check_still_runs(model: nn.Module, example: Nested, ctx: StageContext) -> None:
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call_model(model.eval(), example)
     except Exception as exc:
         raise BadInput(
             f"stage {ctx.stage_name!r}: granularity channels: Torch-Pruning could not prune this architecture "
