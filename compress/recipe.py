@@ -98,7 +98,7 @@ class SearchConfig(StrictModel):
 
 
 class GateConfig(StrictModel):
-    max_drop: float | None = Field(None, ge=0, le=1)
+    max_drop: float | None = Field(None, ge=0, description="in the metric's own units: a fraction for top1/cosine, dB for sqnr")
     min_metric: float | None = None
     against: Literal["baseline", "previous"] = "baseline"
     on_fail: Literal["stop", "continue", "search"] = "stop"
@@ -183,7 +183,7 @@ class TensorRTConfig(StrictModel):
 
 
 class VerifyConfig(StrictModel):
-    max_drop: float | None = Field(0.002, ge=0, le=1)
+    max_drop: float | None = Field(0.002, ge=0)
     latency: bool = True
     latency_runs: int = Field(50, ge=1)
     latency_rounds: int = Field(5, ge=1, description="timed runs split into rounds that alternate between the files")
