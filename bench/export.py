@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from _common import TOP1, ort_quantize_static, reference  # noqa: E402  (sets sys.path)
+from compress.batches import flat_outputs, select
 from compress.data import dataset_tensors
 from compress.export_stage import export_and_verify
 from compress.passes import get_pass
@@ -42,12 +43,13 @@ def export_rows(
         {"onnx": {"precisions": precisions, "int8_ort_weights": ort_weights}, "tensorrt": {"build": "never"},
          "verify": {"max_drop": None, "latency": False, "threads": 2}}  # timed later, interleaved
     )  # fmt: skip
-    logits, labels = torch_predict(model, data.test)
+    outputs, labels = torch_predict(model, data.test)
     out.mkdir(parents=True, exist_ok=True)
     with RunProgress(quiet=True) as progress:
         return export_and_verify(
-            model, cfg, data, out, torch_logits=logits, labels=labels, metric=TOP1, progress=progress
-        )
+            model, cfg, data, out, torch_outputs=flat_outputs(outputs),
+            score=lambda flat: TOP1(select(flat, None), labels), progress=progress,
+        )  # fmt: skip
 
 
 def peer_quantize_static(fp32: Path, data, out: Path, torch_logits: np.ndarray) -> dict[str, Any]:

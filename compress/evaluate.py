@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -9,7 +10,7 @@ from compress.errors import BadInput
 
 
 def evaluate_file(model_path: Path, recipe_path: Path, *, split: str = "test", trust: bool = False) -> float:
-    from compress.data import dataset_tensors, load_data
+    from compress.data import load_data
     from compress.metrics import resolve_metric
     from compress.models import build_model, load_checkpoint
     from compress.recipe import load_recipe
@@ -24,15 +25,38 @@ def evaluate_file(model_path: Path, recipe_path: Path, *, split: str = "test", t
     metric = resolve_metric(recipe.metric)
     dataset = getattr(data, split)
     if model_path.suffix == ".onnx":
-        from export.ort_runner import ort_session, predict as ort_predict
-
-        inputs, labels = dataset_tensors(dataset)
-        try:
-            session = ort_session(model_path)
-        except Exception as exc:
-            raise BadInput(f"{model_path}: not a loadable ONNX model ({type(exc).__name__})") from None
-        return float(metric(torch.from_numpy(ort_predict(session, inputs.numpy())), labels))
+        return _evaluate_onnx(model_path, dataset, metric, recipe.model.output)
     channels, height, _ = data.input_shape
     model = build_model(recipe.model, in_channels=channels, num_classes=data.num_classes, input_size=height)
     model = load_checkpoint(model, model_path, trust=trust)
     return float(metric(*predict(model, dataset)))
+
+
+def _evaluate_onnx(model_path: Path, dataset: Any, metric: Any, output: str | None) -> float:
+    """The metric of an ONNX file's outputs on every sample of `dataset` (any structure: the file's inputs
+    are fed by name), read as the model's outputs (`model.output` selects among several)."""
+    import onnx
+
+    from compress.batches import collate_items, select
+    from compress.models.pyref import first_line
+    from export.onnx_export import output_leaves
+    from export.ort_runner import ort_session, predict_outputs
+
+    if metric.against_reference:
+        raise BadInput(
+            f"compress eval: metric {metric.name} compares with the uncompressed model, which an ONNX file alone "
+            "does not give; evaluate with a metric of the data's targets (top1, top5, miou, python:...) or read "
+            "the file's metric from the run's report.json (export.<precision>.metric)"
+        )
+    try:
+        session = ort_session(model_path)
+        names = output_leaves(onnx.load(str(model_path), load_external_data=False))
+    except Exception as exc:
+        raise BadInput(f"{model_path}: not a loadable ONNX model ({type(exc).__name__})") from None
+    samples, targets = collate_items([dataset[i] for i in range(len(dataset))])
+    try:
+        arrays = predict_outputs(session, samples)
+    except Exception as exc:  # inputs the file does not take (names, shapes, types): ValueError or ORT's own
+        raise BadInput(f"{model_path}: cannot run on the data's samples: {first_line(exc)}") from None
+    flat = {name: torch.from_numpy(array) for name, array in zip(names, arrays.values())}
+    return float(metric(select(flat, output), targets))

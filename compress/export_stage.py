@@ -5,18 +5,19 @@ the torch model it came from (parity) rather than trusted.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from compress.atomic import atomic_write_json
+from compress.batches import Nested, example_input, stack_samples
+from compress.data import DataSplits
 from compress.faults import pause_point
 from compress.gate import METRIC_TOLERANCE
-from compress.data import DataSplits, dataset_tensors
-from compress.metrics import MetricFn
 from compress.progress import RunProgress
 from compress.recipe import ExportConfig
 from compress.report import ORIGINAL
@@ -29,10 +30,11 @@ NOT_FOR_TENSORRT = frozenset({"int8-ort"})
 @dataclass
 class OriginalModel:
     """The model as the run received it, exported beside the compressed files and measured like them
-    (model.original.onnx), so that what the run bought reads off one table against the same runtime."""
+    (model.original.onnx), so that what the run bought reads off one table against the same runtime.
+    torch_outputs: its outputs on the test split, flat by name (compress.batches.flat_outputs)."""
 
     model: nn.Module
-    torch_logits: torch.Tensor
+    torch_outputs: dict[str, Tensor]
 
 
 def export_and_verify(
@@ -41,18 +43,29 @@ def export_and_verify(
     data: DataSplits,
     out_dir: Path,
     *,
-    torch_logits: torch.Tensor,
-    labels: torch.Tensor,
-    metric: MetricFn,
+    example: Nested = None,
+    test_inputs: Nested = None,
+    torch_outputs: dict[str, Tensor],
+    score: Callable[[dict[str, Tensor]], float],
     progress: RunProgress,
     original: OriginalModel | None = None,
 ) -> dict[str, Any]:
+    """Write, verify and gate every requested ONNX file (and model.original.onnx with `original`).
+
+    example: a batch of one test sample (compress.batches.example_input of data.test when None), what the
+    files are traced from and timed with; test_inputs: every test sample stacked (stack_samples of
+    data.test when None), the samples torch_outputs came from; torch_outputs:
+    the compressed torch model's outputs on them, flat by name; score: the run's test metric of a flat
+    outputs dict (it selects model.output and reads targets or reference outputs itself). Each file's
+    outputs, in the file's order, take torch_outputs' names before they are scored.
+    """
+    from export.errors import ExportError
     from export.lint import lint_onnx
     from export.onnx_export import export_onnx
-    from export.ort_runner import file_size, measure_latencies, ort_session, parity, predict
+    from export.ort_runner import file_size, measure_latencies, ort_session, parity, predict_outputs
 
-    test_inputs, _ = dataset_tensors(data.test)
-    example = test_inputs[:1]
+    example = example_input(data.test) if example is None else example
+    test_inputs = stack_samples(data.test) if test_inputs is None else test_inputs
     results: dict[str, Any] = {}
     sessions: dict[str, Any] = {}
     writer = _OnnxWriter(model, example, cfg, out_dir)
@@ -64,17 +77,22 @@ def export_and_verify(
             if name == ORIGINAL:
                 assert original is not None
                 export_onnx(original.model, example, path, opset=cfg.onnx.opset)
-                reference_logits = original.torch_logits
+                reference = original.torch_outputs
             else:
                 writer.write(name, path)
-                reference_logits = torch_logits
+                reference = torch_outputs
             pause_point(f"exported:{path.name}")
             lint = {"findings": [f.to_dict() for f in lint_onnx(path)], "gates": name not in NOT_FOR_TENSORRT}
             advance(1, f"{name}: accuracy in ONNX Runtime")
             session = sessions[name] = ort_session(path, threads=cfg.verify.threads)
-            onnx_logits = predict(session, test_inputs.numpy())
-            onnx_metric = float(metric(torch.from_numpy(onnx_logits), labels))
-            torch_metric = float(metric(reference_logits, labels))
+            onnx_outputs = predict_outputs(session, test_inputs)
+            if len(onnx_outputs) != len(reference):
+                raise ExportError(
+                    f"{path.name} has {len(onnx_outputs)} outputs ({', '.join(onnx_outputs)}), the torch model "
+                    f"{len(reference)} ({', '.join(k or 'one tensor' for k in reference)})"
+                )
+            onnx_metric = float(score({k: torch.from_numpy(v) for k, v in zip(reference, onnx_outputs.values())}))
+            torch_metric = float(score(reference))
             advance(1)
             drop = torch_metric - onnx_metric
             max_drop = cfg.verify.max_drop
@@ -86,6 +104,7 @@ def export_and_verify(
                     f"lint: {len(lint['findings'])} TensorRT rule finding(s), first {first['node']}: "
                     f"[{first['rule']}] {first['message']}"
                 )
+            match = parity([t.detach().cpu().numpy() for t in reference.values()], onnx_outputs)
             results[name] = {
                 "path": str(Path("export") / path.name),
                 "opset": cfg.onnx.opset,
@@ -94,20 +113,21 @@ def export_and_verify(
                 "drop": drop,
                 "size_bytes": file_size(path),
                 "latency_ms": {},
-                "parity": parity(reference_logits.numpy(), onnx_logits),
+                "parity": match,
                 "lint": lint,
                 "gate": {"passed": not reasons, "max_drop": max_drop, "reason": "; ".join(reasons) or None},
             }
+            agreement = match["top1_agreement"]
             progress.log(
                 f"export {name}: test {onnx_metric:.4f} (torch {torch_metric:.4f}), "
-                f"top-1 agreement {results[name]['parity']['top1_agreement']:.4f}"
+                + (f"top-1 agreement {agreement:.4f}" if agreement is not None else f"max |diff| {match['max_abs_diff']:.2e}")
             )
         if cfg.verify.latency:
             # every file timed in alternating rounds after all are written, so the ratios between them
             # (the original against the compressed files above all) do not depend on when each ran
             advance(0, f"latency: {len(sessions)} files in {cfg.verify.latency_rounds} alternating rounds")
             timings = measure_latencies(
-                sessions, tuple(example.shape[1:]), runs=cfg.verify.latency_runs,
+                sessions, example, runs=cfg.verify.latency_runs,
                 rounds=cfg.verify.latency_rounds, threads=cfg.verify.threads,
             )  # fmt: skip
             for name, timing in timings.items():
@@ -124,7 +144,7 @@ class _OnnxWriter:
     """Writes each precision's file; fp16 is converted from an fp32 export made in this same call (never
     from a file left by an earlier run), kept as model.fp32.onnx when fp32 is requested too."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: ExportConfig, out_dir: Path) -> None:
+    def __init__(self, model: nn.Module, example: Nested, cfg: ExportConfig, out_dir: Path) -> None:
         self.model, self.example, self.cfg = model, example, cfg
         wanted = "fp32" in cfg.onnx.precisions
         self.fp32 = out_dir / ("model.fp32.onnx" if wanted else ".model.fp32-source.onnx")

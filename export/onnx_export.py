@@ -1,4 +1,11 @@
-"""PyTorch -> ONNX export: fp32, input "input", output "logits", dynamic batch, one file.
+"""PyTorch -> ONNX export: fp32, one file, a dynamic batch axis 0 on every input and output.
+
+Names: a lone input tensor is "input", a tuple/list sample's are "input_0", "input_1", ..., a dict
+sample's its keys (export.ort_runner.input_leaves). A lone output tensor is "logits"; several outputs
+(tuple, dict, ModelOutput) are named after compress.batches.leaves ("out", "aux", "0" -> "output_0",
+"boxes.0" -> "boxes_0"), in that order, and the file's metadata keeps those leaves names
+(OUTPUT_LEAVES_KEY) so that outputs read back from the file can be selected as the model's (model.output).
+Integer inputs (token ids) stay integers. An input the graph does not use is left out of the file.
 
 Exporter choice (measured on torch 2.14.1 CPU, torchvision resnet18 at 64x64, 2 cores):
 the TorchScript exporter (``dynamo=False``) took 0.5-1.4 s per export, the dynamo
@@ -20,20 +27,25 @@ import contextlib
 import copy
 import inspect
 import io
+import json
 import os
 import re
 import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from compress.atomic import atomic_write_bytes
+from compress.batches import Nested, call_model, leaves, map_tensors
 from export.errors import ExportError
+from export.ort_runner import INPUT_NAME, input_leaves
 
-INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# metadata_props key: JSON list of the outputs' compress.batches.leaves names, in the file's output order
+OUTPUT_LEAVES_KEY = "compress.output_leaves"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -41,13 +53,15 @@ _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
 def export_onnx(
     model: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_input: Nested,
     path: str | Path,
     *,
     opset: int = 17,
 ) -> Path:
     """Export ``model`` to a single self-contained ONNX file at ``path`` and return it.
 
+    ``example_input`` is a batch of one sample as the model takes it: a tensor (``model(x)``), a
+    tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors.
     The write is atomic: on any failure ``path`` is not created or modified.
     The caller's model is left as it was (device, dtype, per-module train/eval flags).
     Raises ``ExportError`` when the model cannot be converted.
@@ -55,22 +69,47 @@ def export_onnx(
     path = Path(path)
     name = type(model).__name__
     export_model = _cpu_fp32_view(model)
-    x = example_input.detach().to("cpu")
-    if x.is_floating_point():
-        x = x.to(torch.float32)
+    named = input_leaves(example_input)
+    if not named or any(not isinstance(t, torch.Tensor) for _, t in named):
+        kinds = ", ".join(f"{n} {type(t).__name__}" for n, t in named) or "nothing"
+        raise ExportError(f"cannot export {name} to ONNX: the example sample must hold tensors only, got {kinds}")
+    example = map_tensors(
+        example_input, lambda t: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+    )
 
     # Remember every module's own flag: model.train(old) would flatten a mixed tree.
     modes = {m: m.training for m in export_model.modules()}
     try:
         export_model.eval()
-        model_bytes = _trace_to_onnx(export_model, x, opset, name)
+        model_bytes = _trace_to_onnx(export_model, example, [n for n, _ in named], opset, name)
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
 
-    _validate(model_bytes, name)
     atomic_write_bytes(path, model_bytes)
     return path
+
+
+def output_name(leaf: str) -> str:
+    """The ONNX name of an output with compress.batches.leaves name ``leaf`` (several outputs)."""
+    flat = re.sub(r"[^0-9A-Za-z_]", "_", leaf)
+    return f"output_{flat}" if not flat or flat[0].isdigit() else flat
+
+
+class _FlatIO(torch.nn.Module):
+    """The model seen by the exporter with one positional tensor per input leaf and a tuple of output
+    tensors in compress.batches.leaves order, so that ONNX names line up with both whatever the
+    structures (dict samples against the forward's own argument order, ModelOutput, nested tuples)."""
+
+    def __init__(self, model: torch.nn.Module, example: Nested) -> None:
+        super().__init__()
+        self.model = model
+        self.example = example
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = iter(tensors)
+        sample = map_tensors(self.example, lambda _: next(given))
+        return tuple(t for _, t in leaves(call_model(self.model, sample)))
 
 
 def _cpu_fp32_view(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,28 +129,42 @@ def _cpu_fp32_view(model: torch.nn.Module) -> torch.nn.Module:
     return clone.float()
 
 
-def _trace_to_onnx(model: torch.nn.Module, x: torch.Tensor, opset: int, name: str) -> bytes:
+def _trace_to_onnx(
+    model: torch.nn.Module, example: Nested, input_names: list[str], opset: int, name: str
+) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings(record=True) as caught, _no_onnx_log(), torch.no_grad():
         # "always" bypasses the once-per-location registry so a TracerWarning already
         # seen earlier in the process is still recorded here.
         warnings.simplefilter("always")
         try:
-            # Exporting into memory rather than a path guarantees a single file: there is
-            # no directory for external data to spill into, and >2 GB models fail loudly.
+            outputs = call_model(model, example)
+            found = leaves(outputs)
+            if not found:
+                raise ExportError(f"cannot export {name} to ONNX: it returned {type(outputs).__name__}, no tensors")
+            lone = isinstance(example, torch.Tensor) and isinstance(outputs, torch.Tensor)
+            output_names = [OUTPUT_NAME] if isinstance(outputs, torch.Tensor) else [output_name(k) for k, _ in found]
+            if len(set(output_names)) != len(output_names):
+                raise ExportError(f"cannot export {name} to ONNX: output names collide ({', '.join(k for k, _ in found)})")
+            # A lone tensor in and out is traced as it always was (same graph, node names and bytes).
+            traced, args = (model, (example,)) if lone else (_FlatIO(model, example), tuple(t for _, t in input_leaves(example)))
+            # Exporting into memory rather than a path guarantees a single file: there is no directory
+            # for external data to spill into, and >2 GB models fail loudly.
             torch.onnx.export(
-                model,
-                (x,),
+                traced,
+                args,
                 buf,
                 **_torchscript_kwargs(),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={n: {0: "batch"} for n in [*input_names, *output_names]},
                 opset_version=opset,
                 do_constant_folding=True,
                 export_params=True,
                 verbose=False,
             )
+        except ExportError:
+            raise
         except Exception as e:  # the exporter raises many unrelated types for one cause
             raise ExportError(f"cannot export {name} to ONNX (opset {opset}): {_first_line(e)}") from e
     frozen = _frozen_control_flow(caught)
@@ -120,7 +173,7 @@ def _trace_to_onnx(model: torch.nn.Module, x: torch.Tensor, opset: int, name: st
             f"cannot export {name} to ONNX: data-dependent control flow at {frozen} "
             "(a tensor is converted to a Python bool), which tracing would freeze to one branch"
         )
-    return buf.getvalue()
+    return _validate(buf.getvalue(), name, input_names, output_names, [k for k, _ in found])
 
 
 def _frozen_control_flow(caught: list[warnings.WarningMessage]) -> str | None:
@@ -141,7 +194,10 @@ def _frozen_control_flow(caught: list[warnings.WarningMessage]) -> str | None:
     return None
 
 
-def _validate(model_bytes: bytes, name: str) -> None:
+def _validate(
+    model_bytes: bytes, name: str, input_names: list[str], output_names: list[str], output_leaves: list[str]
+) -> bytes:
+    """Check the file and return it with the outputs' leaves names in its metadata (several outputs)."""
     import onnx
 
     try:
@@ -151,11 +207,27 @@ def _validate(model_bytes: bytes, name: str) -> None:
         raise ExportError(f"ONNX export of {name} produced an invalid model: {_first_line(e)}") from e
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+    # the exporter leaves out inputs the graph does not read (an attention mask a model ignores, say)
+    if inputs != [n for n in input_names if n in inputs] or outputs != output_names:
         raise ExportError(
-            f"ONNX export of {name} must have one input and one output tensor, "
+            f"ONNX export of {name} must have inputs {input_names} and outputs {output_names}, "
             f"got inputs {inputs} and outputs {outputs}"
         )
+    if output_names == [OUTPUT_NAME] and output_leaves == [""]:
+        return model_bytes  # a lone tensor: the file is exactly what it always was
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = OUTPUT_LEAVES_KEY, json.dumps(output_leaves)
+    return proto.SerializeToString()
+
+
+def output_leaves(proto: Any) -> list[str]:
+    """compress.batches.leaves names of an ONNX file's outputs, in order: from the metadata export_onnx
+    writes, else the ONNX names (files written elsewhere); a lone output is '' (one tensor)."""
+    for entry in proto.metadata_props:
+        if entry.key == OUTPUT_LEAVES_KEY:
+            return list(json.loads(entry.value))
+    names = [o.name for o in proto.graph.output]
+    return [""] if len(names) == 1 else names
 
 
 @contextlib.contextmanager

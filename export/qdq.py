@@ -29,7 +29,10 @@ the files that ship, from the same integers:
   requires before it fuses a Gemm into QGemm (Conv biases it converts itself when it loads the file, so
   they stay float: an int32 copy would only add its per-channel scales to the file).
 
-Weights below 8 bits ship as their small integers in int8 containers (no int4 packing). Imports no torch.
+Weights below 8 bits ship as their small integers in int8 containers (no int4 packing). Graphs with several
+inputs and outputs convert alike; integer inputs (token ids, a Gather's indices) are never quantized, and a
+quantized table that is only looked up (an Embedding's Gather) keeps signed weights in int8-ort. Imports no
+torch.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ _UINT8_ZERO_RELU = "qdq_activation_zero_point_u8_relu"
 # ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 (VPMADDUBSW), which
 # saturates once 2 * a * |w| > 32767: with inputs up to 255, weights up to 64 in magnitude are safe.
 U8S8_SAFE_WEIGHT = 64
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 
 
 def convert_to_int8(
@@ -72,9 +76,12 @@ def convert_to_int8(
     weights = 0
     activations = 0
     removed: list[onnx.NodeProto] = []
+    integer_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type not in _FLOAT_TYPES}
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear":
             continue
+        if node.input[0] in integer_inputs:  # token ids, indices: never quantized
+            raise ExportError(f"{node.name}: quantizes the integer input {node.input[0]!r}; only float tensors quantize")
         if node.input[0] in inits:
             unsigned_wide = flavor == "int8-ort" and saturation_safe and not _reads_relu(node, consumers, nodes_by_output)
             _fold_weight_quantizer(graph, node, inits, consumers, unsigned_wide=unsigned_wide)
@@ -163,10 +170,12 @@ def _reads_relu(
     weight_quant: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], nodes_by_output: dict[str, onnx.NodeProto]
 ) -> bool:
     """Whether every layer using this weight takes its activation from Q(DQ) right after a ReLU:
-    weight Q -> DQ -> layer, whose input 0 is DQ <- Q <- Relu."""
-    layers = [layer for dq in consumers.get(weight_quant.output[0], []) for layer in consumers.get(dq.output[0], [])]
+    weight Q -> DQ -> layer, whose input 0 is DQ <- Q <- Relu. A table only looked up (an Embedding's
+    Gather reads it at input 0 with integer indices) multiplies nothing, so it cannot saturate either."""
+    users = [(dq, layer) for dq in consumers.get(weight_quant.output[0], []) for layer in consumers.get(dq.output[0], [])]
+    layers = [layer for dq, layer in users if not (layer.op_type == "Gather" and layer.input[0] == dq.output[0])]
     if not layers:
-        return False
+        return bool(users)
     for layer in layers:
         dequant = nodes_by_output.get(layer.input[0])
         quant = nodes_by_output.get(dequant.input[0]) if dequant is not None and dequant.op_type == "DequantizeLinear" else None

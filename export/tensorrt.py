@@ -479,7 +479,7 @@ gpu=$(printf '%s' "$gpu" | tr -cs 'A-Za-z0-9.' '-' | sed 's/^-*//; s/-*$//')
 """
 
 _POLYGRAPHY_SETUP = """\
-# Needs polygraphy, tensorrt and onnxruntime in python3. Tolerances are element-wise on the logits.
+# Needs polygraphy, tensorrt and onnxruntime in python3. Tolerances are element-wise on every output.
 major=$(python3 -c 'import tensorrt; print(tensorrt.__version__.split(".")[0])')
 if [ "$major" -ge 10 ]; then typed=strong; else typed=weak; fi
 """

@@ -11,7 +11,7 @@ from torch import nn
 
 from export.errors import ExportError
 from export.onnx_export import export_onnx
-from export.ort_runner import ort_session, parity, predict
+from export.ort_runner import ort_session, parity, predict, predict_outputs
 
 
 class TinyResNet(nn.Module):
@@ -182,13 +182,26 @@ def test_failed_export_keeps_previous_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_multi_output_model_is_rejected(tmp_path: Path) -> None:
+def test_multi_output_model_names_every_output(tmp_path: Path) -> None:
     class TwoHeads(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return x + 1, x * 2
 
-    with pytest.raises(ExportError, match="TwoHeads"):
-        export_onnx(TwoHeads(), torch.randn(2, 4), tmp_path / "m.onnx")
+    path = export_onnx(TwoHeads(), torch.randn(2, 4), tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert [o.name for o in graph.output] == ["output_0", "output_1"]
+    assert all(o.type.tensor_type.shape.dim[0].dim_param for o in graph.output)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = predict_outputs(ort_session(path), x)
+    np.testing.assert_allclose(got["output_0"], x + 1)
+    np.testing.assert_allclose(got["output_1"], x * 2)
+    with pytest.raises(ValueError, match="predict_outputs"):
+        predict(ort_session(path), x)
+
+
+def test_sample_without_tensors_is_an_export_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="tensors only"):
+        export_onnx(nn.Identity(), (torch.randn(1, 4), 3), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
