@@ -4,11 +4,15 @@
 - quantization: the layer's BN-folded weights alone on the stage's grid (per-channel symmetric,
   round-to-nearest, the rest of the model float, activations float), at each bit width asked for.
 
-Each (layer, level) gets the validation metric, its drop against the unchanged model, and the KL
-divergence of the model's outputs from the unchanged model's (a smooth measure that still ranks layers
-where a small validation split gives many equal drops). Results are cached in RUN/analysis/NN-NAME.json
-under a digest of the stage's input model and the measuring settings, so `compress analyze`, the gate
-search and `weight_bits: auto` measure each number once, and an interrupted analysis continues.
+Each (layer, level) gets the validation metric, its drop against the unchanged model, and how far the
+model's outputs (those the metric reads: `model.output`) moved from the unchanged model's
+(`metrics.divergence`): the KL divergence of class scores where the metric reads class scores, else the
+noise-to-signal ratio of every output tensor. A smooth measure that still ranks layers where a small
+validation split gives many equal drops. It is stored under the key "kl" either way; the analysis's
+"divergence" field says which it is ("kl" or "noise_to_signal"; files without it hold KL). Results are
+cached in RUN/analysis/NN-NAME.json under a digest of the stage's input model and the measuring
+settings, so `compress analyze`, the gate search and `weight_bits: auto` measure each number once, and
+an interrupted analysis continues.
 
 `knapsack_bits` is the mixed-precision choice: per-layer bits minimising the summed sensitivity under a
 budget of weight bits (a multiple-choice knapsack, solved exactly on a grid of the budget).
@@ -23,18 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress import distributed
 from compress.atomic import atomic_write_json
+from compress.batches import Nested
 from compress.errors import BadInput
+from compress.metrics import divergence
 from compress.progress import RunProgress
 from compress.state import ModelState
 
-# model -> (validation metric, validation logits)
-Scorer = Callable[[nn.Module], tuple[float, Tensor]]
+# model -> (validation metric, the validation outputs it read: StageContext.score_and_outputs)
+Scorer = Callable[[nn.Module], tuple[float, Nested]]
 ANALYSIS_FORMAT = "compress.sensitivity/1"
+DIVERGENCES = {True: "kl", False: "noise_to_signal"}  # class scores or not -> what the "kl" values measure
 
 
 def analysis_path(stage_dir: Path) -> Path:
@@ -51,18 +57,18 @@ def state_digest(state: ModelState) -> str:
     return digest.hexdigest()[:16]
 
 
-def kl_divergence(reference: Tensor, logits: Tensor) -> float:
-    """Mean KL(softmax(reference) || softmax(logits)) over samples."""
-    return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean"))
+def _key(base: str, class_scores: bool) -> str:
+    """The cache key: KL analyses keep the key they always had (their files stay valid)."""
+    return base if class_scores else f"{base}:{DIVERGENCES[False]}"
 
 
 class Analysis:
     """The cached results of one stage: {layer: {"weights": n, "results": {level: {metric, drop, kl}}}}."""
 
-    def __init__(self, path: Path | None, key: str, kind: str, level_name: str) -> None:
+    def __init__(self, path: Path | None, key: str, kind: str, level_name: str, class_scores: bool = True) -> None:
         self.path, self.key = path, key
         self.data: dict[str, Any] = {"format": ANALYSIS_FORMAT, "key": key, "kind": kind, "level": level_name,
-                                     "metric": None, "layers": {}}
+                                     "metric": None, "divergence": DIVERGENCES[class_scores], "layers": {}}
         if path is not None and path.exists():
             try:
                 cached = json.loads(path.read_text())
@@ -74,6 +80,15 @@ class Analysis:
     @property
     def layers(self) -> dict[str, Any]:
         return self.data["layers"]
+
+    @property
+    def divergence(self) -> str:
+        """What the results' "kl" values measure: "kl" (class scores) or "noise_to_signal"."""
+        return str(self.data.get("divergence", "kl"))
+
+    @property
+    def class_scores(self) -> bool:
+        return self.divergence == "kl"
 
     def missing(self, name: str, levels: list[str]) -> list[str]:
         done = self.layers.get(name, {}).get("results", {})
@@ -120,6 +135,7 @@ def _measure(
 ) -> None:
     """jobs: (layer, weights, missing levels, level -> apply (returns undo)); measured, cached per layer."""
     base = score(model)
+    class_scores = analysis.class_scores
     analysis.data["metric"] = base[0]
     total = sum(len(levels) for _, _, levels, _ in jobs)
     if not total:
@@ -129,10 +145,11 @@ def _measure(
             for level in levels:
                 undo = apply(level)
                 try:
-                    metric, logits = score(model)
+                    metric, outputs = score(model)
                 finally:
                     undo()
-                analysis.record(name, weights, level, metric, kl_divergence(base[1], logits))
+                moved = divergence(outputs, base[1], class_scores=class_scores)
+                analysis.record(name, weights, level, metric, moved)
                 advance(1, f"{name} @ {level}: drop {analysis.layers[name]['results'][level]['drop']:+.4f}")
             analysis.save()
 
@@ -144,10 +161,13 @@ def prune_sensitivity(
     score: Scorer,
     path: Path | None,
     progress: RunProgress,
+    *,
+    class_scores: bool = True,
 ) -> Analysis:
+    """class_scores: the metric reads class scores (`Metric.reads_class_scores`): outputs compared by KL."""
     from compress.sparsity import magnitude_masks
 
-    analysis = Analysis(path, state_digest(state) + ":prune", "prune", "sparsity")
+    analysis = Analysis(path, _key(state_digest(state) + ":prune", class_scores), "prune", "sparsity", class_scores)
     level = f"{sparsity:g}"
     jobs = []
     for name, module in layers.items():
@@ -176,16 +196,23 @@ def quant_sensitivity(
     path: Path | None,
     progress: RunProgress,
     grid: str | None = None,
+    *,
+    class_scores: bool = True,
+    example: Nested = None,
 ) -> Analysis:
+    """class_scores: as for prune_sensitivity; example: a batch of samples (StageContext.example), for
+    models whose forward has parameters the data does not fill (quant/graph.py make_plan)."""
     from compress.quant import build, make_plan
     from compress.quant.adaround import set_rtn
     from compress.quant.graph import quant_layers, set_float
     from compress.quant.grid import weight_scales
 
-    analysis = Analysis(path, f"{state_digest(state)}:quantize:{weight_range}:{grid}", "quantize", "bits")
+    key = _key(f"{state_digest(state)}:quantize:{weight_range}:{grid}", class_scores)
+    analysis = Analysis(path, key, "quantize", "bits", class_scores)
     on_grid = {"grid": grid} if grid is not None else {}  # the stage's weight grid, where the pass has one
     levels = [str(b) for b in bits]
-    plan = make_plan(state.model, weight_bits=8, activation_bits=None, layer_bits={}, skip=[], first_last_8bit=False)
+    plan = make_plan(state.model, weight_bits=8, activation_bits=None, layer_bits={}, skip=[], first_last_8bit=False,
+                     example=example)
     model = build(state.model, plan).eval()
     set_float(model, True)
     jobs = []
@@ -209,20 +236,31 @@ def quant_sensitivity(
 
 
 def stage_sensitivity(
-    pass_name: str, config: Any, state: ModelState, score: Scorer, path: Path | None, progress: RunProgress
+    pass_name: str,
+    config: Any,
+    state: ModelState,
+    score: Scorer,
+    path: Path | None,
+    progress: RunProgress,
+    *,
+    class_scores: bool = True,
+    example: Nested = None,
 ) -> Analysis:
-    """The analysis a stage's settings call for: its sparsity, or its bits (every candidate for auto)."""
+    """The analysis a stage's settings call for: its sparsity, or its bits (every candidate for auto).
+    class_scores: the metric reads class scores (`Metric.reads_class_scores`): outputs compared by KL,
+    otherwise by noise-to-signal ratio; example: a batch of samples (quantization's trace)."""
     if pass_name.startswith("prune."):
         from compress.sparsity import prunable_layers
 
         if getattr(config, "sparsity", None) is None or getattr(config, "granularity", "unstructured") != "unstructured":
             raise BadInput(f"{pass_name}: sensitivity needs unstructured pruning with params.sparsity")
         layers = prunable_layers(state.model, config.targets, config.ignore, config.prune_classifier)
-        return prune_sensitivity(state, layers, config.sparsity, score, path, progress)
+        return prune_sensitivity(state, layers, config.sparsity, score, path, progress, class_scores=class_scores)
     if pass_name.startswith("quantize."):
         bits = list(config.bits_choices) if config.weight_bits == "auto" else [config.weight_bits]
         grid = getattr(config, "weight_grid", None)
-        return quant_sensitivity(state, bits, config.weight_range, score, path, progress, grid)
+        return quant_sensitivity(state, bits, config.weight_range, score, path, progress, grid,
+                                 class_scores=class_scores, example=example)
     raise BadInput(f"{pass_name}: per-layer sensitivity is measured for prune.* and quantize.* stages only")
 
 
@@ -285,13 +323,14 @@ def table(analysis: Analysis, level: str, title: str) -> Any:
     from rich.table import Table
 
     levels = sorted({lv for e in analysis.layers.values() for lv in e["results"]}, key=float)
+    moved = "KL" if analysis.class_scores else "NSR"  # what the "kl" values measure
     out = Table(title=title)
     out.add_column("layer", justify="left")
     out.add_column("weights", justify="right")
     for lv in levels:
         label = f"{analysis.data['level']} {lv}"
         out.add_column(f"drop @ {label}", justify="right")
-        out.add_column(f"KL @ {label}", justify="right")
+        out.add_column(f"{moved} @ {label}", justify="right")
     for name in analysis.ranking(level):
         results = analysis.layers[name]["results"]
         cells = []

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compress.data import calibration_subset, dataset_tensors
+from compress.batches import stack_samples
+from compress.data import calibration_subset
 from compress.errors import BadInput
 from compress.passes.registry import PassResult, register_pass
 from compress.quant import build, is_quantized, make_plan
@@ -134,6 +135,7 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
     if is_quantized(state.model):
         raise BadInput(f"stage {ctx.stage_name!r}: the model is already quantized by an earlier stage")
     layer_bits, auto = dict(cfg.layer_bits), None
+    example = ctx.example()
     if cfg.weight_bits == "auto":
         chosen, auto = choose_bits(state, cfg, ctx)
         layer_bits.update(chosen)  # after the recipe's own patterns, which keep the first word
@@ -145,6 +147,7 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
         skip=cfg.skip,
         first_last_8bit=cfg.first_last_8bit,
         residual=cfg.residual_quantizers,
+        example=example,
     )
     # the float model's layer sizes: resume rebuilds a channel-pruned model before quantizing its graph
     plan["structure"] = structure_record(state.model)
@@ -152,7 +155,8 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
     for layer in quant_layers(model).values():
         layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, cfg.weight_range, grid=cfg.weight_grid))
     samples = cfg.calibration_samples or ctx.calibration_samples
-    inputs, _ = dataset_tensors(calibration_subset(ctx.data.train, samples, ctx.seed))
+    # the samples collated as the model takes them: a tensor, or a tuple/dict of tensors (any dtype)
+    inputs = stack_samples(calibration_subset(ctx.data.train, samples, ctx.seed))
     amax = calibrate_activations(
         model, inputs, cfg.act_calibration, percentile=cfg.act_percentile, device=ctx.device,
         unsigned_symmetric=cfg.unsigned_symmetric,
@@ -170,24 +174,26 @@ def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tu
     count against the budget; skipped layers stay float and do not."""
     from fnmatch import fnmatch
 
-    from compress.metrics import top1
+    from compress.batches import selected
     from compress.sensitivity import analysis_path, knapsack_bits, quant_sensitivity
     from compress.train import predict
 
+    example = ctx.example()
     pinned_plan = make_plan(state.model, weight_bits=8, activation_bits=None, layer_bits=cfg.layer_bits,
-                            skip=cfg.skip, first_last_8bit=cfg.first_last_8bit)
+                            skip=cfg.skip, first_last_8bit=cfg.first_last_8bit, example=example)
     names = list(pinned_plan["bits"])
     ends = (names[0], names[-1]) if cfg.first_last_8bit else ()
     pinned = {n: b for n, b in pinned_plan["bits"].items() if n in ends or any(fnmatch(n, p) for p in cfg.layer_bits)}
-    metric = ctx.metric or top1
 
-    def score(model: Any) -> tuple[float, Any]:
-        logits, labels = predict(model, ctx.data.val, device=ctx.device)
-        return float(metric(logits, labels)), logits
+    def validation(model: Any) -> tuple[float, Any]:  # a context without score_and_outputs (built by hand)
+        outputs, _ = predict(model, ctx.data.val, device=ctx.device)
+        return float(ctx.evaluate(model)), selected(outputs, ctx.output)
 
+    score = ctx.score_and_outputs or validation  # the validation metric, and the outputs it reads
     path = analysis_path(ctx.stage_dir) if ctx.stage_dir is not None else None
+    class_scores = ctx.metric.reads_class_scores if ctx.metric is not None else True
     analysis = quant_sensitivity(state, cfg.bits_choices, cfg.weight_range, score, path, ctx.progress,
-                                 getattr(cfg, "weight_grid", None))
+                                 getattr(cfg, "weight_grid", None), class_scores=class_scores, example=example)
     weights = {n: analysis.layers[n]["weights"] for n in names}
     assert cfg.budget is not None
     capacity = (cfg.budget.average_bits * sum(weights.values()) if cfg.budget.average_bits is not None
@@ -204,6 +210,7 @@ def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tu
         "average_bits": total_bits / sum(weights.values()),
         "weight_bytes": math.ceil(total_bits / 8),
         "summed_sensitivity": sum(costs[n][b] for n, b in chosen.items()),
+        **({"divergence": analysis.divergence} if cfg.auto_measure == "kl" else {}),
         "pinned": sorted(pinned),
         "sensitivity": str(path) if path is not None else None,
     }

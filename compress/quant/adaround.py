@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compress.batches import Nested, batch_len, call_model, slice_batch, to_device
 from compress.quant.graph import quant_layers, set_float, snap_biases
 from compress.quant.grid import WeightGrid, quantize_weight, weight_qrange
 from compress.quant.modules import QuantLayer
@@ -110,10 +111,16 @@ def set_rtn(layer: QuantLayer, mask: Tensor | None, grid: WeightGrid = "narrow")
     layer.weight_int.copy_(q.to(torch.int8))
 
 
-def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
-    """Sum over output channels (dim 1), mean over everything else: one fused kernel each way (mse_loss)
+def channel_axis(layer: QuantLayer) -> int:
+    """Where a layer's output channels are: axis 1 for a convolution, the last axis for a Linear (the same
+    axis for [N, C]; tokens [N, L, C] keep their channels last)."""
+    return -1 if layer.kind == "Linear" else 1
+
+
+def reconstruction_loss(out: Tensor, target: Tensor, axis: int = 1) -> Tensor:
+    """Sum over output channels (`axis`), mean over everything else: one fused kernel each way (mse_loss)
     instead of sub, pow, sum and mean and their backward."""
-    return F.mse_loss(out, target, reduction="sum") * (out.shape[1] / out.numel())
+    return F.mse_loss(out, target, reduction="sum") * (out.shape[axis] / out.numel())
 
 
 THREAD_PROBE_STEPS = 6  # steps timed per candidate thread count (the median counts)
@@ -175,8 +182,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, layer: QuantLayer, inputs: Tensor, want: str, batch: int, device: torch.device) -> Tensor:
-    """The layer's input (want='input') or output ('output') over all inputs, stopping the forward there."""
+def _capture(
+    model: nn.Module, layer: QuantLayer, inputs: Nested, want: str, batch: int, device: torch.device
+) -> Tensor:
+    """The layer's input (want='input') or output ('output') over all inputs (samples of any structure,
+    collated), stopping the forward there."""
     chunks: list[Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
@@ -185,9 +195,9 @@ def _capture(model: nn.Module, layer: QuantLayer, inputs: Tensor, want: str, bat
 
     handle = layer.register_forward_hook(hook)
     try:
-        for start in range(0, len(inputs), batch):
+        for start in range(0, batch_len(inputs), batch):
             try:
-                model(inputs[start : start + batch].to(device))
+                call_model(model, to_device(slice_batch(inputs, start, start + batch), device))
             except _Stop:
                 pass
     finally:
@@ -200,7 +210,7 @@ def _eval_loss(layer: QuantLayer, x: Tensor, y: Tensor, act: Callable[[Tensor], 
     total = 0.0
     for start in range(0, len(x), 256):
         out = act(layer.functional(x[start : start + 256], weight))
-        total += float((out - y[start : start + 256]).pow(2).sum(dim=1).mean()) * len(out)
+        total += float((out - y[start : start + 256]).pow(2).sum(dim=channel_axis(layer)).mean()) * len(out)
     return total / max(len(x), 1)
 
 
@@ -228,6 +238,7 @@ def optimize_layer(
     xb = torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
     yb = torch.empty((batch, *y.shape[1:]), dtype=y.dtype, device=y.device)
     report_every = max(1, min(100, settings.iterations // 20))
+    axis = channel_axis(layer)
     if threads is not None:
         threads.restart()
     for step in range(settings.iterations):
@@ -240,7 +251,7 @@ def optimize_layer(
         w_soft = scale * torch.clamp(w_floor + h, qmin, qmax)
         if mask is not None:
             w_soft = w_soft * mask
-        recon = reconstruction_loss(act(layer.functional(xb, w_soft)), yb)
+        recon = reconstruction_loss(act(layer.functional(xb, w_soft)), yb, axis)
         beta = beta_at(step, settings)
         loss = recon
         if beta is not None:
@@ -278,7 +289,7 @@ def correct_bias(layer: QuantLayer, x: Tensor, y_float: Tensor) -> None:
 
 def run_adaround(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Nested,
     settings: AdaRoundSettings,
     *,
     masks: dict[str, Tensor],
@@ -286,9 +297,10 @@ def run_adaround(
     device: torch.device,
     task: Callable[[str, int], Any] | None = None,
 ) -> tuple[list[LayerReport], dict[str, int]]:
-    """AdaRound every QuantLayer of `model` in forward order. Every layer must already hold its
-    round-to-nearest integers and every activation quantizer its scale. Returns per-layer reports and,
-    for layers whose cache would exceed the budget, how many samples were kept."""
+    """AdaRound every QuantLayer of `model` in forward order on `inputs`, the calibration samples collated
+    into one batch (a tensor, or a tuple/dict of tensors: `batches.stack_samples`). Every layer must
+    already hold its round-to-nearest integers and every activation quantizer its scale. Returns per-layer
+    reports and, for layers whose cache would exceed the budget, how many samples were kept."""
     layers = quant_layers(model)
     generator = torch.Generator().manual_seed(settings.seed)
     reports: list[LayerReport] = []
@@ -305,7 +317,7 @@ def run_adaround(
 
 def _adaround_layer(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Nested,
     settings: AdaRoundSettings,
     index: int,
     count: int,
@@ -324,16 +336,19 @@ def _adaround_layer(
     mask = masks.get(f"{name}.weight")
     mask = mask.to(device=layer.float_weight.device, dtype=layer.float_weight.dtype) if mask is not None else None
     act = ACTIVATIONS[activations.get(name)]
-    # one sample tells the cache's size per sample: inputs and targets, kept within the budget
-    probe_in = _capture(model, layer, inputs[:1], "input", 1, device)
+    # one sample tells the cache's size per sample: the layer's inputs and targets, kept within the budget
+    # (the model's samples, of any structure, stay where they are and go to the device a chunk at a time)
+    total = batch_len(inputs)
+    probe_in = _capture(model, layer, slice_batch(inputs, 0, 1), "input", 1, device)
     per_sample = probe_in.element_size() * (probe_in.numel() + _output_numel(layer, probe_in))
-    keep = max(1, min(len(inputs), settings.cache_bytes // per_sample))
-    if keep < len(inputs):
+    keep = max(1, min(total, settings.cache_bytes // per_sample))
+    if keep < total:
         subsampled[name] = keep
     batch = 256
-    x = _capture(model, layer, inputs[:keep], "input", batch, device)
+    kept = slice_batch(inputs, 0, keep)
+    x = _capture(model, layer, kept, "input", batch, device)
     set_float(model, True)
-    y_pre = _capture(model, layer, inputs[:keep], "output", batch, device)
+    y_pre = _capture(model, layer, kept, "output", batch, device)
     set_float(model, False)
     y = act(y_pre)
     report = LayerReport(name, layer.bits, samples=keep, activation=activations.get(name))

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from compress.batches import Nested, batch_len, call_model, slice_batch, to_device
 from compress.quant.graph import act_quantizers, set_float, snap_biases
 
 ActCalibration = Literal["minmax", "percentile", "mse"]
@@ -40,10 +41,11 @@ class _Histogram:
         self.counts += hist.double().cpu()
 
 
-def _run(model: nn.Module, inputs: Tensor, batch_size: int, device: torch.device) -> None:
+def _run(model: nn.Module, inputs: Nested, batch_size: int, device: torch.device) -> None:
+    """The model over a collated batch of samples of any structure (`batches.stack_samples`), in chunks."""
     with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start : start + batch_size].to(device))
+        for start in range(0, batch_len(inputs), batch_size):
+            call_model(model, to_device(slice_batch(inputs, start, start + batch_size), device))
 
 
 def percentile_amax(hist: _Histogram, percentile: float) -> float:
@@ -78,7 +80,7 @@ def mse_amax(hist: _Histogram, qmax: int) -> float:
 @torch.no_grad()
 def calibrate_activations(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Nested,
     method: ActCalibration,
     *,
     percentile: float = 99.99,
@@ -87,8 +89,9 @@ def calibrate_activations(
     unsigned_symmetric: bool = False,
 ) -> dict[str, float]:
     """Set every ActQuant's scale (and, with unsigned_symmetric, its zero point) from the float (BN-folded)
-    model's activations, then round the layers' biases onto their int32 grids (graph.snap_biases);
-    returns name -> amax."""
+    model's activations on `inputs` (the calibration samples collated into one batch: a tensor, or a
+    tuple/dict of tensors the model takes as model(*x) / model(**x)), then round the layers' biases onto
+    their int32 grids (graph.snap_biases); returns name -> amax."""
     quantizers = act_quantizers(model)
     if not quantizers:
         return {}

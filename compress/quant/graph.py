@@ -13,6 +13,7 @@ consumers of the same tensor share it, so the ONNX graph has one Q/DQ pair per q
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from fnmatch import fnmatch
 from typing import Any
@@ -55,7 +56,32 @@ class _Tracer(fx.Tracer):
         return result
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def given_inputs(model: nn.Module, example: Any) -> list[str] | None:
+    """The names of `model.forward`'s parameters that a sample (tensor, tuple or dict; `batches.call_model`)
+    fills; None when forward takes *args or **kwargs (then every parameter is traced as an input)."""
+    from compress.batches import as_args
+
+    args, kwargs = as_args(example)
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[: len(args)] + [name for name in kwargs if name not in positional[: len(args)]]
+
+
+def _concrete_args(model: nn.Module, inputs: list[str] | None) -> dict[str, Any] | None:
+    """Parameters the data does not fill, fixed at their defaults (`mask=None`), so code branching on them
+    (`if mask is not None`) traces the branch the data takes."""
+    if inputs is None:
+        return None
+    params = inspect.signature(model.forward).parameters.values()
+    fixed = {p.name: p.default for p in params if p.name not in inputs and p.default is not inspect.Parameter.empty}
+    return fixed or None
+
+
+def trace(model: nn.Module, inputs: list[str] | None = None) -> fx.GraphModule:
+    """The fx graph of `model`; `inputs` (given_inputs): the forward parameters the data fills, the
+    others fixed at their defaults. Outputs keep their structure (tensor, tuple, dict)."""
     from compress.attention import UnsupportedLayer, unsupported_attention
 
     opaque = unsupported_attention(model)
@@ -63,7 +89,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise UnsupportedLayer(opaque.path, opaque.kind, f"quantization: {opaque.reason}")
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_concrete_args(model, inputs))
     except Exception as exc:  # fx raises many types for one cause: code it cannot trace
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if tracer.path_stack:
@@ -166,14 +192,19 @@ def make_plan(
     skip: list[str],
     first_last_8bit: bool,
     residual: str = "skip",
+    example: Any = None,
 ) -> dict[str, Any]:
     """Decide everything (on a throwaway trace) and return it as plain data.
+
+    example: a batch of the data's samples (`StageContext.example`); forward parameters it does not fill
+    are traced at their defaults, and the plan records which it fills (resume traces the same graph).
 
     residual: which operands of a residual add get a quantizer: `skip` (TensorRT's placement: the operand
     not fused into the layer) or `both` (also the layer's output, so ONNX Runtime finds DQ -> Conv -> Q
     and DQ -> Add -> Q everywhere and runs every conv and add on integers).
     """
-    gm = trace(model)
+    inputs = given_inputs(model, example) if example is not None else None
+    gm = trace(model, inputs)
     pairs = foldable_pairs(gm)
     _remove_bn_nodes(gm, pairs)
     names = [str(n.target) for n in layer_nodes(gm)]
@@ -202,6 +233,7 @@ def make_plan(
         "float_layers": [n for n in names if n not in bits],
         "activation_bits": activation_bits,
         "activations": activations,
+        **({"inputs": inputs} if inputs is not None else {}),
     }
 
 
@@ -271,7 +303,7 @@ def build(model: nn.Module, plan: dict[str, Any], *, with_weights: bool = True) 
     if plan.get("format") != PLAN_FORMAT:
         raise ValueError(f"not a quantization plan (format {plan.get('format')!r})")
     model = copy.deepcopy(model)  # fx shares submodules with the traced root: never fold the caller's
-    gm = trace(model)
+    gm = trace(model, plan.get("inputs"))
     for layer_name, bn_name in plan["folded"].items():
         layer, bn = gm.get_submodule(layer_name), gm.get_submodule(bn_name)
         if with_weights:
