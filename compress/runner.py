@@ -457,7 +457,10 @@ class Runner:
         from compress.sensitivity import analysis_path, stage_sensitivity
 
         path = analysis_path(self.out / "stages" / stage_dir_name(index, stage.name))
-        return stage_sensitivity(stage.pass_name, config, state, self.evaluator.score_and_outputs, path, progress)
+        return stage_sensitivity(
+            stage.pass_name, config, state, self.evaluator.score_and_outputs, path, progress,
+            class_scores=self.metric.reads_class_scores, example=example_input(self.data.train, self.device),
+        )  # fmt: skip
 
     def _export(self, state: ModelState, progress: RunProgress) -> None:
         from compress.export_stage import OriginalModel, export_and_verify
