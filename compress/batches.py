@@ -200,8 +200,16 @@ def select(flat: Mapping[str, Tensor], key: str | None) -> Nested:
 
 
 def selected(outputs: Nested, key: str | None) -> Nested:
-    """`select` straight from a model's (nested) outputs."""
-    return select(flat_outputs(outputs), key)
+    """What `model.output` names in a model's (nested) outputs; with no key, the outputs as the model
+    gives them (a user's metric or loss reads them so; the builtin ones walk any structure)."""
+    return outputs if key is None else select(flat_outputs(outputs), key)
+
+
+def restructure(values: Sequence[Any], template: Nested) -> Nested:
+    """`template`'s structure with its tensors replaced, in `leaves` order, by `values` (an exported
+    file's outputs, say, put back into the shape the torch model returns)."""
+    given = iter(values)
+    return map_tensors(template, lambda _: next(given))
 
 
 def detach_float_cpu(outputs: Nested) -> Nested:

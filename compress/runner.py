@@ -25,7 +25,7 @@ from compress.data import DataSplits, load_data
 from compress.errors import BadInput, GateFailed
 from compress.faults import pause_point
 from compress.gate import check_gate
-from compress.batches import call_model, example_input, flat_outputs, select, stack_samples, structure_text
+from compress.batches import call_model, example_input, flat_outputs, restructure, selected, stack_samples, structure_text
 from compress.metrics import Metric, resolve_metric
 from compress.models import build_model, load_checkpoint
 from compress.models.pyref import first_line
@@ -113,6 +113,7 @@ class Evaluator:
         self.data, self.metric, self.device, self.batch_size, self.output = data, metric, device, batch_size, output
         self.reference_model: nn.Module | None = None
         self._reference: dict[str, Any] = {}
+        self._template: Any = None  # the structure of the outputs models return (exported files' are flat)
 
     def set_reference(self, model: nn.Module) -> None:
         """The model fidelity metrics compare with (the baseline); kept as is, never trained."""
@@ -120,7 +121,9 @@ class Evaluator:
 
     def predict(self, model: nn.Module, split: str) -> tuple[Any, Any]:
         """(all outputs as the model gives them, targets or None) on one split."""
-        return predict(model, getattr(self.data, split), batch_size=self.batch_size, device=self.device)
+        outputs, targets = predict(model, getattr(self.data, split), batch_size=self.batch_size, device=self.device)
+        self._template = outputs
+        return outputs, targets
 
     def reference(self, split: str) -> Any:
         """The reference model's selected outputs on `split` (None when no fidelity metric needs them)."""
@@ -129,15 +132,14 @@ class Evaluator:
         if split not in self._reference:
             if self.reference_model is None:
                 raise RuntimeError("Evaluator: a fidelity metric needs set_reference() first")
-            self._reference[split] = self.select(self.predict(self.reference_model, split)[0])
+            self._reference[split] = selected(self.predict(self.reference_model, split)[0], self.output)
         return self._reference[split]
 
-    def select(self, outputs: Any) -> Any:
-        return select(outputs if isinstance(outputs, dict) and _is_flat(outputs) else flat_outputs(outputs), self.output)
-
-    def judge(self, outputs: Any, targets: Any, split: str) -> float:
-        """The metric of `outputs` (all of a model's outputs, nested or flat by name) on `split`."""
-        return float(self.metric(self.select(outputs), targets, self.reference(split)))
+    def judge(self, flat: dict[str, Any], targets: Any, split: str) -> float:
+        """The metric of an exported file's outputs (flat by name, in the torch model's `leaves` order)
+        on `split`: put back into the torch model's structure first, so the metric reads them alike."""
+        outputs = restructure([torch.as_tensor(v) for v in flat.values()], self._template)
+        return float(self.metric(selected(outputs, self.output), targets, self.reference(split)))
 
     def score(self, model: nn.Module, split: str = "val") -> float:
         return self.score_and_outputs(model, split)[0]
@@ -145,12 +147,8 @@ class Evaluator:
     def score_and_outputs(self, model: nn.Module, split: str = "val") -> tuple[float, Any]:
         """The metric and the selected outputs it was computed from."""
         outputs, targets = self.predict(model, split)
-        chosen = self.select(outputs)
+        chosen = selected(outputs, self.output)
         return float(self.metric(chosen, targets, self.reference(split))), chosen
-
-
-def _is_flat(outputs: dict[str, Any]) -> bool:
-    return all(isinstance(v, torch.Tensor) for v in outputs.values())
 
 
 class StageStore:
@@ -256,7 +254,7 @@ class Runner:
             ) from None
         if not flat_outputs(outputs):
             raise BadInput(f"model.arch: {self.recipe.model.arch} returned {type(outputs).__name__}, no tensors")
-        chosen = select(flat_outputs(outputs), self.recipe.model.output)
+        chosen = selected(outputs, self.recipe.model.output)
         if self.metric.reads_class_scores and self.data.num_classes is not None and isinstance(chosen, torch.Tensor):
             classes = chosen.shape[-1 if chosen.dim() == 3 else 1] if chosen.dim() >= 2 else 0
             if classes < self.data.num_classes:
@@ -270,7 +268,7 @@ class Runner:
         that fails does so here, as one line naming it (resolve_metric), not after stages have run."""
         probe = Subset(self.data.val, range(min(16, len(self.data.val))))
         outputs, targets = predict(model, probe, batch_size=16, device=device or self.device)
-        chosen = select(flat_outputs(outputs), self.recipe.model.output)
+        chosen = selected(outputs, self.recipe.model.output)
         # a fidelity metric compares the model with itself here: what is probed is that it runs
         self.metric(chosen, targets, chosen)
 

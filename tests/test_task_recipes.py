@@ -31,8 +31,6 @@ def _tiny(name: str, directory: Path) -> Path:
     recipe["model"].setdefault("train", {})["epochs"] = 1
     if name.startswith("minilm"):
         recipe["model"]["kwargs"] = {"layers": 1, "hidden": 32}  # a small BERT from a config, not the 22M one
-    if name.startswith("mnist-detector"):
-        recipe["model"]["kwargs"]["size"] = TINY[name]["size"]
     for stage in recipe["stages"]:
         stage["gate"] = {"max_drop": 1.0e6}
         if "finetune" in stage["params"]:
