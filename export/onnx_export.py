@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
 import io
 import json
@@ -49,6 +50,14 @@ OUTPUT_LEAVES_KEY = "compress.output_leaves"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+def _package_dir(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)  # locates without importing
+    return str(Path(spec.origin).resolve().parent) if spec is not None and spec.origin else None
+
+
+_TRACING_AWARE_DIRS = tuple(d for d in (_TORCH_DIR, _package_dir("transformers")) if d)
 
 
 def export_onnx(
@@ -179,8 +188,10 @@ def _trace_to_onnx(
 def _frozen_control_flow(caught: list[warnings.WarningMessage]) -> str | None:
     """Location of the first tensor->bool conversion in model code, if any.
 
-    torch's own library code (e.g. multi-head attention shape asserts) does this
-    harmlessly, so only locations outside the torch package count.
+    torch's own library code (e.g. multi-head attention shape asserts) does this harmlessly, and so
+    does transformers, which guards its data-dependent branches with its own is_tracing() checks (what
+    remains there compares shapes, such as padding a mask to the sequence length); only locations
+    outside those packages count.
     """
     for w in caught:
         if not issubclass(w.category, torch.jit.TracerWarning):
@@ -188,7 +199,7 @@ def _frozen_control_flow(caught: list[warnings.WarningMessage]) -> str | None:
         if "Python boolean" not in str(w.message):
             continue
         filename = str(Path(w.filename).resolve()) if w.filename else ""
-        if filename.startswith(_TORCH_DIR + os.sep):  # the separator keeps torchvision/ out
+        if any(filename.startswith(d + os.sep) for d in _TRACING_AWARE_DIRS):  # the separator keeps torchvision/ out
             continue
         return f"{w.filename}:{w.lineno}"
     return None

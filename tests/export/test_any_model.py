@@ -387,3 +387,25 @@ def test_compress_eval_of_an_onnx_file_feeds_dict_samples_and_selects_the_output
         _evaluate_onnx(path, items, resolve_metric("cosine"), None)
     with pytest.raises(BadInput, match="cannot run on the data's samples: the ONNX file takes inputs ids, mask"):
         _evaluate_onnx(path, [(samples["ids"][i], targets[i]) for i in range(20)], resolve_metric("top1"), "0")
+
+
+def test_transformers_model_output_exports_with_its_names_and_masks(tmp_path: Path) -> None:
+    """A small BERT from a config (no download): dict of int64 ids and mask in, ModelOutput out. Exported
+    with an all-ones mask, the file must still apply a padding mask (transformers skips it in eager mode
+    when the mask is all ones, but not while tracing)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    example = {"input_ids": _ids(1, 0), "attention_mask": torch.ones(1, TOKENS, dtype=torch.int64)}
+    path = export_onnx(model, example, tmp_path / "bert.onnx")
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in proto.graph.output] == ["last_hidden_state", "pooler_output"]
+    mask = torch.ones(BATCH, TOKENS, dtype=torch.int64)
+    mask[:, TOKENS // 2 :] = 0  # padded halves
+    sample = {"input_ids": _ids(BATCH, 1), "attention_mask": mask}
+    match = parity(list(_torch_outputs(model, sample).values()), predict_outputs(ort_session(path), sample))
+    assert match["max_abs_diff"] < 1e-4, match
