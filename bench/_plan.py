@@ -38,6 +38,9 @@ BENCHES: tuple[Bench, ...] = (
     # no --quick of its own: fewer AdaRound steps and calibration images than its defaults (200, 512)
     Bench("mixed_precision", ("--iterations", "50", "--calibration", "256"), ()),
     Bench("zoo", None, ()),
+    # the task recipes (segmentation, detector head) at W8A8 and W4A8: references train on first use
+    # (about 10 minutes for the detector on 2 cores), so only with --full
+    Bench("tasks", None, ()),
 )
 
 

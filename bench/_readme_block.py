@@ -26,6 +26,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "quantization": (r"^\| model \| bits \|",),
     "mixed_precision": (r"^\| pass \| weights \|",),
     "zoo": (r"^model\s+build\s+prune-ch", r"models pass every step"),
+    "tasks": (r"^## ", r"^\| weights \| file \|"),
 }
 
 

@@ -138,8 +138,8 @@ def main() -> None:
                 for file in FILES:
                     table.append(f"| W{bits}A8 | {LABEL[file]} | " + " | ".join(f"{rows[file][c]:.4f}" for c in columns) + " |")
                 stages = ", ".join(f"{s['name']} {s['test_metric']:.4f}" for s in report["stages"])
-                notes.append(f"W{bits}A8 run: {seconds:.0f} s (resumed stages reused); stages' test {report['metric']['name']}: {stages}")
-            print("\n".join(notes[:2] if len(notes) > 2 else notes[:1]))
+                notes.append(f"W{bits}A8 run: {seconds:.0f} s; stages' test {report['metric']['name']}: {stages}")
+            print("\n".join(n for n in notes if not n.startswith("W")))
             print()
             print("\n".join(table))
             print()

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from compress.batches import selected
 from compress.errors import BadInput
 
 
@@ -26,10 +27,37 @@ def evaluate_file(model_path: Path, recipe_path: Path, *, split: str = "test", t
     dataset = getattr(data, split)
     if model_path.suffix == ".onnx":
         return _evaluate_onnx(model_path, dataset, metric, recipe.model.output)
-    channels, height, _ = data.input_shape
-    model = build_model(recipe.model, in_channels=channels, num_classes=data.num_classes, input_size=height)
-    model = load_checkpoint(model, model_path, trust=trust)
-    return float(metric(*predict(model, dataset)))
+    channels, height, _ = data.input_shape or (None, None, None)
+
+    def build() -> torch.nn.Module:
+        return build_model(recipe.model, in_channels=channels, num_classes=data.num_classes, input_size=height)
+
+    model = load_checkpoint(build(), model_path, trust=trust)
+    outputs, targets = predict(model, dataset)
+    reference = None
+    if metric.against_reference:
+        reference = selected(predict(_uncompressed(recipe, data, build, trust), dataset)[0], recipe.model.output)
+    return float(metric(selected(outputs, recipe.model.output), targets, reference))
+
+
+def _uncompressed(recipe: Any, data: Any, build: Any, trust: bool) -> torch.nn.Module:
+    """The model a run starts from, for fidelity metrics: the recipe's checkpoint, the cached reference
+    it trained, or (no targets to train on) the model as constructed."""
+    from compress.models import load_checkpoint
+    from compress.reference import load_cached, reference_key, reference_path
+
+    model = build()
+    if recipe.model.checkpoint:
+        return load_checkpoint(model, recipe.model.checkpoint, trust=trust, arch=recipe.model.arch)
+    if data.targets == "none":
+        return model
+    path = reference_path(recipe)
+    if path.exists() and load_cached(model, path, reference_key(recipe)):
+        return model
+    raise BadInput(
+        f"compress eval: metric {recipe.metric} compares with the uncompressed model, and its reference is not "
+        f"trained yet ({path}); run the recipe first"
+    )
 
 
 def _evaluate_onnx(model_path: Path, dataset: Any, metric: Any, output: str | None) -> float:

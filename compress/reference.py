@@ -46,7 +46,7 @@ def reference_path(recipe: Recipe) -> Path:
     return cache_dir() / f"reference-{arch}-{reference_key(recipe)}.pt"
 
 
-def _load_cached(model: nn.Module, path: Path, key: str) -> bool:
+def load_cached(model: nn.Module, path: Path, key: str) -> bool:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != REFERENCE_FORMAT or payload.get("key") != key:
@@ -63,7 +63,7 @@ def obtain_reference(
     """Load the cached reference into `model`, or train it and cache it. Returns what the report records."""
     key = reference_key(recipe)
     path = reference_path(recipe)
-    if path.exists() and _load_cached(model, path, key):
+    if path.exists() and load_cached(model, path, key):
         progress.log(f"reference: reusing cached {path}")
         return {"source": "reference", "cached": True, "path": str(path), "key": key}
     train = recipe.model.train

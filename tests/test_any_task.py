@@ -173,6 +173,10 @@ def test_unlabelled_data_gates_on_cosine(task_dir: Path, weight_bits: int, min_m
     report = json.loads((out / "report.json").read_text())
     assert report["baseline"]["source"] == "constructed" and report["data"]["targets"] == "none"
     assert report["stages"][0]["metric"] >= 0.9
+    # compress eval reads the same fidelity for a stage's checkpoint, against the model as constructed
+    evaluated = runner.invoke(app, ["eval", str(out / "stages" / "01-prune" / "model.pt"), "--recipe", str(recipe)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert float(evaluated.output.split()[-1]) == pytest.approx(report["stages"][0]["test_metric"], abs=1e-4)  # printed to 4 places
     if exit_code == 0:
         assert report["status"] == "passed"
         for name in ("int8-trt", "int8-ort"):
