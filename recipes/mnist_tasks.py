@@ -37,13 +37,15 @@ def _normalise(canvas: torch.Tensor) -> torch.Tensor:
     return (canvas.expand(-1, 3, -1, -1) - 0.5) / 0.5
 
 
-def segmentation(samples: int = 2000, size: int = 64, eval_share: float = 0.2, seed: int = 0):
-    """(train, eval) TensorDatasets of (image [3, size, size], mask [size, size] int64)."""
+def segmentation(samples: int = 2000, size: int = 64, eval_share: float = 0.2, seed: int = 0, digits: bool = True):
+    """(train, eval) TensorDatasets of (image [3, size, size], mask [size, size] int64): per pixel 0 for
+    background and 1 + digit on the digit's ink, or (digits false) 1 on any ink."""
     ink, labels = _digits(samples, seed)
     up = F.interpolate(ink, size=(size, size), mode="bilinear", align_corners=False)
-    masks = torch.where(up[:, 0] > 0.5, labels[:, None, None] + 1, torch.zeros((), dtype=torch.long))
+    foreground = labels[:, None, None] + 1 if digits else torch.ones((), dtype=torch.long)
+    masks = torch.where(up[:, 0] > 0.5, foreground, torch.zeros((), dtype=torch.long))
     images = _normalise(up).contiguous()
-    cut = len(images) - max(1, round(len(images) * eval_share))
+    cut = _cut(len(images), eval_share)
     return TensorDataset(images[:cut], masks[:cut]), TensorDataset(images[cut:], masks[cut:])
 
 
