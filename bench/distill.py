@@ -36,6 +36,7 @@ TRAINERS = ("ce", "kd", "dot")
 def step_milliseconds(student: nn.Module, teacher: nn.Module, data, batch_size: int, trainers: list[str]) -> dict:
     """Median time of one step's gradients per trainer, the trainers interleaved step by step so that load
     from other processes falls on all alike (per-epoch times of separate runs swing with it)."""
+    from compress.losses import Objective, cross_entropy, kl
     from compress.passes.distill_dot import _gradients
 
     x = torch.stack([data.train[i][0] for i in range(batch_size)])
@@ -45,7 +46,7 @@ def step_milliseconds(student: nn.Module, teacher: nn.Module, data, batch_size: 
     for step in range(12):
         for trainer in trainers:
             started = time.perf_counter()
-            _gradients(student, teacher, x, y, params, DistillDotConfig(trainer=trainer))
+            _gradients(student, teacher, x, y, params, DistillDotConfig(trainer=trainer), Objective(cross_entropy, kl), trainer)
             if step >= 2:  # the first steps warm allocator and kernels up
                 times[trainer].append(1000 * (time.perf_counter() - started))
     return {trainer: statistics.median(values) for trainer, values in times.items()}
