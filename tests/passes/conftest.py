@@ -24,3 +24,13 @@ def random_context() -> Callable[..., StageContext]:
         return StageContext.standalone(splits, batch_size=8)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models and small batches, restored afterwards: a second
+    OpenMP thread only adds spin-waiting there, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

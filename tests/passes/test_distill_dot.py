@@ -28,13 +28,7 @@ from compress.losses import kl as kd_loss
 W_CE, W_KD, T, LR, MU, WD = 0.1, 0.9, 4.0, 0.05, 0.9, 5e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: a second OpenMP thread only adds spin-waiting, badly so on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int) -> nn.Module:

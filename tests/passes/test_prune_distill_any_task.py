@@ -28,13 +28,7 @@ PRUNE, AP, DISTILL = get_pass("prune.magnitude"), get_pass("prune.ap"), get_pass
 UNLABELLED = "none (unlabelled data): distillation loss alone"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small batches: a second OpenMP thread mostly spin-waits, badly so on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Items(Dataset):
