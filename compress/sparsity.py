@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from fnmatch import fnmatch
 from typing import Any, Literal
 
@@ -11,6 +12,28 @@ from torch import nn
 from compress.batches import Nested, call_model, leaves
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def transposed_linear_types() -> tuple[type, ...]:
+    """`transformers`' Conv1D (GPT-2's layers): a Linear whose weight is stored [in, out], the transpose of
+    nn.Linear's. Looked up only where transformers is already imported (a model of its classes has it)."""
+    found = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (found,) if isinstance(found, type) else ()
+
+
+def prunable_types() -> tuple[type, ...]:
+    """The layers magnitude pruning takes: PRUNABLE_TYPES and transformers' Conv1D."""
+    return PRUNABLE_TYPES + transposed_linear_types()
+
+
+def input_axis(module: nn.Module) -> int:
+    """The weight axis of a layer's input channels: 1 ([out, in, ...]), 0 for Conv1D ([in, out])."""
+    return 0 if isinstance(module, transposed_linear_types()) else 1
+
+
+def out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, shaped like the layer's weight, as [out, in, ...]: Conv1D's transposed (its own inverse)."""
+    return tensor.t() if input_axis(module) == 0 else tensor
 
 
 def classifier_name(model: nn.Module, example: Nested | None = None) -> str | None:
@@ -24,7 +47,7 @@ def classifier_name(model: nn.Module, example: Nested | None = None) -> str | No
         return output_layer_name(model, example)
     linear = conv = None
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, *transposed_linear_types())):
             linear = module_name
         elif isinstance(module, PRUNABLE_TYPES):
             conv = module_name
@@ -34,7 +57,7 @@ def classifier_name(model: nn.Module, example: Nested | None = None) -> str | No
 @torch.no_grad()
 def output_layer_name(model: nn.Module, example: Nested) -> str | None:
     """The name of the last Conv/Linear layer that a forward pass on `example` runs (eval mode)."""
-    names = {module: name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+    names = {module: name for name, module in model.named_modules() if isinstance(module, prunable_types())}
     order: list[str] = []
     handles = [m.register_forward_hook(lambda module, _a, _o: order.append(names[module])) for m in names]
     was_training = model.training
@@ -57,7 +80,7 @@ def output_layer_names(model: nn.Module, example: Nested) -> list[str]:
     An output that no such layer reaches (a transformer's normalised hidden state) gets the last layer
     the pass runs, as `output_layer_name`; in module order.
     """
-    names = {module: name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+    names = {module: name for name, module in model.named_modules() if isinstance(module, prunable_types())}
     made_by: dict[Any, str] = {}
     order: list[str] = []
 
@@ -108,18 +131,20 @@ def prunable_layers(
     include_classifier: bool = False,
     example: Nested | None = None,
 ) -> dict[str, nn.Module]:
-    """Conv/Linear layers selected by fnmatch patterns on module names (SparseML/ModelOpt style); the
-    output layers unless included: every output head's final prediction layers (output_layer_names)
-    found by a forward pass on `example` where given, else the classifier by module order."""
-    skipped: set[str] = set()
+    """Conv/Linear layers (Conv1D too) selected by fnmatch patterns on module names (SparseML/ModelOpt
+    style); the output layers unless included: every output head's final prediction layers
+    (output_layer_names) found by a forward pass on `example` where given, else the classifier by module
+    order. Layers whose weight is tied to another parameter (GPT-2's lm_head is its word embedding) are
+    never selected (`tied_layers`)."""
+    skipped = set(tied_layers(model))
     if not include_classifier:
         if example is not None:
-            skipped = set(output_layer_names(model, example))
+            skipped |= set(output_layer_names(model, example))
         elif (name := classifier_name(model)) is not None:
-            skipped = {name}
+            skipped.add(name)
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) or name in skipped:
+        if not isinstance(module, prunable_types()) or name in skipped:
             continue
         if targets and not any(fnmatch(name, pattern) for pattern in targets):
             continue
@@ -127,6 +152,23 @@ def prunable_layers(
             continue
         chosen[name] = module
     return chosen
+
+
+def tied_layers(model: nn.Module) -> dict[str, str]:
+    """{layer: the parameter its weight is tied to} for Conv/Linear layers whose weight is one parameter
+    with another (GPT-2's lm_head.weight is transformer.wte.weight). Pruning stays off them: a mask would
+    zero the other module's weights too (an embedding table's rows), and the parameter has one name only."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, prunable_types()) and isinstance(weight, nn.Parameter):
+            others = [other for other in names.get(id(weight), []) if other != f"{name}.weight"]
+            if others:
+                tied[name] = others[0]
+    return tied
 
 
 def magnitude_masks(
@@ -146,14 +188,14 @@ def magnitude_masks(
     """
     scores = keep_filters(_masked_scores(layers, existing or {}))
     if scope == "layer":
-        return {key: _keep_largest(score, sparsity) for key, score in scores.items()}
+        return _as_stored(layers, {key: _keep_largest(score, sparsity) for key, score in scores.items()})
     flat = torch.cat([score.flatten() for score in scores.values()])
     keep_flat = _keep_largest(flat, sparsity)
     masks, offset = {}, 0
     for key, score in scores.items():
         masks[key] = keep_flat[offset : offset + score.numel()].view_as(score)
         offset += score.numel()
-    return masks
+    return _as_stored(layers, masks)
 
 
 def keep_filters(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,7 +245,7 @@ def sparsity_stats(model: nn.Module) -> dict[str, Any]:
     per_layer: dict[str, float] = {}
     zeros = total = 0
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
+        if isinstance(module, prunable_types()):
             weight = module.weight.detach()
             layer_zeros = int((weight == 0).sum().item())
             per_layer[name] = layer_zeros / weight.numel()
@@ -231,7 +273,7 @@ def nm_ineligible_reason(weight: torch.Tensor, n: int, m: int, rule: NmRule) -> 
     `divisible` only asks that the input channels split into groups of m. `asp` is NVIDIA ASP's rule
     for the sparse tensor-core kernels: out-channels % 8 == 0 and in-channels % 16 == 0.
     """
-    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    out_channels, in_channels = weight.shape[0], weight.shape[1]  # [out, in, ...] (sparsity.out_in)
     if in_channels % m:
         return f"{in_channels} input channels (per group) are not a multiple of m={m}"
     if rule == "asp" and (out_channels % 8 or in_channels % 16):
@@ -246,7 +288,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n largest scores in every group of m consecutive input channels.
 
     A conv weight [K, C, R, S] is grouped along C at each (k, r, s), the layout NVIDIA's sparse tensor
-    cores read; a linear weight [K, C] along C.
+    cores read; a linear weight [K, C] along C (a Conv1D's [C, K] is given as out_in's [K, C]).
     """
     channels_last = scores.movedim(1, -1)
     groups = channels_last.reshape(-1, m)
@@ -262,22 +304,24 @@ def nm_masks(
     rule: NmRule,
     existing: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """N:M keep-masks for every eligible layer, and {layer: reason} for those that cannot take it."""
+    """N:M keep-masks for every eligible layer, and {layer: reason} for those that cannot take it. Groups
+    run along the input channels: weight axis 1, axis 0 for a Conv1D."""
     scores = _masked_scores(layers, existing or {})
     masks: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
     for name, module in layers.items():
-        reason = nm_ineligible_reason(module.weight, n, m, rule)
+        reason = nm_ineligible_reason(out_in(module, module.weight), n, m, rule)
         if reason is not None:
             skipped[name] = reason
             continue
         masks[f"{name}.weight"] = nm_mask(scores[f"{name}.weight"], n, m)
-    return masks, skipped
+    return _as_stored(layers, masks), skipped
 
 
-def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
-    """Groups of m input channels holding more than n nonzeros (0 means the pattern holds)."""
-    groups = (weight.detach() != 0).movedim(1, -1).reshape(-1, m)
+def nm_violations(weight: torch.Tensor, n: int, m: int, axis: int = 1) -> int:
+    """Groups of m input channels (weight axis `axis`: sparsity.input_axis of the layer) holding more
+    than n nonzeros (0 means the pattern holds)."""
+    groups = (weight.detach() != 0).movedim(axis, -1).reshape(-1, m)
     return int((groups.sum(dim=1) > n).sum().item())
 
 
@@ -337,15 +381,21 @@ def _solve_alpha(z: list[torch.Tensor], sparsity: float) -> float:
 
 
 def _masked_scores(layers: dict[str, nn.Module], existing: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """|w| per layer weight, with weights an earlier stage pruned scoring 0 so they are pruned first."""
+    """|w| per layer weight as [out, in, ...] (out_in), with weights an earlier stage pruned scoring 0 so
+    they are pruned first."""
     scores = {}
     for name, module in layers.items():
         key = f"{name}.weight"
         score = module.weight.detach().abs()
         if key in existing:
             score = score * existing[key]
-        scores[key] = score
+        scores[key] = out_in(module, score)
     return scores
+
+
+def _as_stored(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks computed as [out, in, ...] (out_in) back in each weight's own layout."""
+    return {key: out_in(layers[key.removesuffix(".weight")], mask).contiguous() for key, mask in masks.items()}
 
 
 def merge_masks(masks: dict[str, torch.Tensor], new_masks: dict[str, torch.Tensor]) -> None:

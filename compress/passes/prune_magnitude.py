@@ -34,6 +34,7 @@ from compress.sparsity import (
     prunable_layers,
     randomized_masks,
     targeted_sparsity,
+    tied_layers,
 )
 from compress.state import ModelState, StageContext
 from compress.train import fit, recalibrate_batchnorm
@@ -249,6 +250,8 @@ def select_layers(model: nn.Module, cfg: SelectionConfig, ctx: StageContext) -> 
     layers = prunable_layers(model, cfg.targets, cfg.ignore, cfg.prune_classifier, example=ctx.example())
     if not layers:
         raise BadInput(f"stage {ctx.stage_name!r}: params.targets/ignore select no Conv or Linear layer to prune")
+    for name, other in tied_layers(model).items():
+        ctx.progress.log(f"{ctx.stage_name}: {name} left dense: its weight is tied to {other}")
     return layers
 
 
@@ -309,6 +312,8 @@ def prune_magnitude(state: ModelState, cfg: MagnitudePruneConfig, ctx: StageCont
             "scope": cfg.scope,
             "schedule": cfg.schedule,
             "mode": cfg.mode,
+            # layers whose weight is another parameter too (GPT-2's lm_head: the word embedding): never pruned
+            "tied_dense": tied_layers(state.model),
             **finetune_info(cfg.finetune, ctx),
             **info,
             **before_after(before, after),
