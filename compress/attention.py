@@ -22,6 +22,7 @@ Not handled, with the module path in the error: attention whose key/value come f
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -355,3 +356,84 @@ def unsupported_attention(model: nn.Module) -> UnsupportedLayer | None:
 
 def attention_modules(model: nn.Module) -> dict[str, HeadAttention]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HeadAttention)}
+
+
+# --- transformers' attention, as loaded ------------------------------------------------------------------
+# Hugging Face models keep q, k and v as separate Linear layers and split heads with view(..., -1, d), so
+# Torch-Pruning sees whole heads once it is told each projection's head count (its examples for HF BERT
+# and ViT); only the modules' own head-count attributes need setting afterwards.
+
+_SEPARATE_QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+_HEAD_COUNTS = ("num_attention_heads", "num_heads")
+_HEAD_SIZES = ("attention_head_size", "head_dim")
+HEAD_COUNT_ATTRIBUTES = (*_HEAD_COUNTS, "all_head_size")
+
+
+@dataclass(eq=False)
+class TransformersHeads:
+    """A `transformers` attention module with separate q, k, v Linear layers of heads x head_dim features
+    (BERT's BertSelfAttention, ViT's ViTAttention): what head pruning needs to know and to update."""
+
+    path: str
+    module: nn.Module
+    projections: tuple[nn.Linear, ...]  # q, k, v
+    count: str  # the module's head-count attribute (head_count_attribute)
+    head_dim: int
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(self.module, self.count))
+
+    def sync(self) -> None:
+        """After Torch-Pruning removed heads: the module's head count (and BERT's all_head_size) as its
+        q/k/v layers now hold them (the forward reshapes with -1 heads; these keep the module honest)."""
+        width = self.projections[0].out_features
+        setattr(self.module, self.count, width // self.head_dim)
+        if isinstance(getattr(self.module, "all_head_size", None), int):
+            self.module.all_head_size = width
+
+
+def head_count_attribute(module: nn.Module) -> str | None:
+    """Where a `transformers` attention module keeps its head count (num_attention_heads: BERT, ViT;
+    num_heads: GPT-2); None for any other module."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    return next((name for name in _HEAD_COUNTS if isinstance(getattr(module, name, None), int)), None)
+
+
+def transformers_attention(model: nn.Module) -> dict[str, TransformersHeads]:
+    """Every `transformers` attention module whose heads can be removed whole, by path. One that cannot
+    (GPT-2's packed c_attn, grouped-query k/v, no q/k/v Linear layers) is an UnsupportedLayer naming it."""
+    found: dict[str, TransformersHeads] = {}
+    for path, module in model.named_modules():
+        count = head_count_attribute(module)
+        if count is None:
+            continue
+        kind = type(module).__name__
+        children = dict(module.named_children())
+        names = next((n for n in _SEPARATE_QKV if all(type(children.get(c)) is nn.Linear for c in n)), None)
+        if names is None:
+            layers = ", ".join(
+                f"{name} ({type(child).__name__})" for name, child in children.items() if any(True for _ in child.parameters())
+            ) or "no layers"
+            raise UnsupportedLayer(
+                path, kind,
+                "granularity channels: head pruning needs separate q/k/v nn.Linear layers (query/key/value or "
+                f"q_proj/k_proj/v_proj); this attention has {layers}, a packed projection its forward splits. "
+                "Prune it unstructured or nm",
+            )  # fmt: skip
+        projections = tuple(children[name] for name in names)
+        heads = int(getattr(module, count))
+        head_dim = next(
+            (int(getattr(module, name)) for name in _HEAD_SIZES if isinstance(getattr(module, name, None), int)),
+            projections[0].out_features // heads,
+        )
+        widths = [layer.out_features for layer in projections]
+        if widths != [heads * head_dim] * 3:
+            raise UnsupportedLayer(
+                path, kind,
+                f"granularity channels: q/k/v have {widths} features for {heads} heads of {head_dim} "
+                "(grouped-query attention is not supported); prune it unstructured or nm",
+            )  # fmt: skip
+        found[path] = TransformersHeads(path, module, projections, count, head_dim)
+    return found

@@ -17,10 +17,16 @@ import warnings
 import torch
 from torch import nn
 
-from compress.attention import HeadAttention, UnsupportedLayer, attention_modules
+from compress.attention import (
+    HeadAttention,
+    UnsupportedLayer,
+    attention_modules,
+    head_count_attribute,
+    transformers_attention,
+)
 from compress.batches import Nested, call_model
 from compress.errors import BadInput
-from compress.sparsity import PRUNABLE_TYPES, output_layer_names
+from compress.sparsity import PRUNABLE_TYPES, output_layer_names, transposed_linear_types
 
 
 def count_macs(model: nn.Module, example: Nested) -> tuple[int, int]:
@@ -69,9 +75,13 @@ class ChannelPruner:
             if isinstance(module, PRUNABLE_TYPES) and (name not in selected or name in kept)
         ]
         cumulative = [0.0, *ratios]
-        # attention: whole heads are the structured groups (Torch-Pruning's num_heads on the packed qkv)
+        # attention: whole heads are the structured groups (Torch-Pruning's num_heads on the packed qkv of
+        # compress's explicit attention, on each of q, k, v of a transformers model's)
         self.attention = attention_modules(model)
+        self.transformers_attention = transformers_attention(model)
+        _refuse_transposed_linears(model)
         num_heads = {m.qkv: m.num_heads for m in self.attention.values()}
+        num_heads |= {layer: m.num_heads for m in self.transformers_attention.values() for layer in m.projections}
         was_training = model.training
         model.eval()  # tracing a batch of one through BatchNorm in train mode can fail
         for attention in self.attention.values():
@@ -107,13 +117,29 @@ class ChannelPruner:
                 group.prune()
                 for attention, heads in removed.items():
                     attention.keep_heads([h for h in range(attention.num_heads) if h not in heads])
-        for attention in self.attention.values():
-            expected = self.pruner.num_heads[attention.qkv]
-            if attention.num_heads != expected or attention.qkv.out_features != 3 * expected * attention.head_dim:
-                raise UnsupportedLayer(
-                    attention.path, type(attention).__name__,
-                    f"head pruning left {attention.qkv.out_features} qkv features for {expected} heads of {attention.head_dim}",
-                )
+        for heads in self.transformers_attention.values():
+            heads.sync()
+        checks = [(m.path, type(m).__name__, [m.qkv], 3, m.num_heads, m.head_dim) for m in self.attention.values()]
+        checks += [
+            (m.path, type(m.module).__name__, list(m.projections), 1, m.num_heads, m.head_dim)
+            for m in self.transformers_attention.values()
+        ]
+        for path, kind, projections, packed, now, head_dim in checks:
+            expected = self.pruner.num_heads[projections[0]]
+            widths = [layer.out_features for layer in projections]
+            if now != expected or widths != [packed * expected * head_dim] * len(projections):
+                raise UnsupportedLayer(path, kind, f"head pruning left {widths} q/k/v features for {expected} heads of {head_dim}")
+
+
+def _refuse_transposed_linears(model: nn.Module) -> None:
+    """transformers' Conv1D (weight [in, out]) has no Torch-Pruning pruner: it would slice the wrong axis."""
+    for path, module in model.named_modules():
+        if isinstance(module, transposed_linear_types()):
+            raise UnsupportedLayer(
+                path, type(module).__name__,
+                "granularity channels: Torch-Pruning has no pruner for transformers' Conv1D (a Linear with its "
+                "weight stored [in, out]); prune it unstructured or nm",
+            )  # fmt: skip
 
 
 def _base_pruner(
@@ -287,6 +313,16 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
             counts[name] = module.out_channels
         elif isinstance(module, nn.Linear):
             counts[name] = module.out_features
+    return counts
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """Heads of every attention module whose heads channel pruning removes (compress's explicit attention,
+    a transformers model's), to report what shrank."""
+    counts = {path: m.num_heads for path, m in attention_modules(model).items()}
+    for path, module in model.named_modules():
+        if (count := head_count_attribute(module)) is not None:
+            counts[path] = getattr(module, count)
     return counts
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.attention import HeadAttention
+from compress.attention import HEAD_COUNT_ATTRIBUTES, HeadAttention, head_count_attribute
 
 # The attributes channel pruning changes, per layer type (Torch-Pruning rewrites exactly these).
 SIZE_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
@@ -38,6 +38,8 @@ def structure_record(model: nn.Module) -> dict[str, dict[str, Any]]:
                     if (value := getattr(module, attr, None)) is not None
                 }
                 break
+        if head_count_attribute(module) is not None:  # head pruning (channels.ChannelPruner): BERT's, ViT's head counts
+            record[name] = {attr: value for attr in HEAD_COUNT_ATTRIBUTES if isinstance(value := getattr(module, attr, None), int)}
     return record
 
 

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compress.batches import Nested, call_model, split_item
-from compress.channels import ChannelPruner, channel_counts, count_macs, remap_masks
+from compress.channels import ChannelPruner, channel_counts, count_macs, head_counts, remap_masks
 from compress.data import calibration_subset
 from compress.distributed import epoch_shards
 from compress.dnr import dead_neuron_rate
@@ -471,7 +471,7 @@ def _prune_channels(
 ) -> dict[str, Any]:
     model = state.model
     ratios = step_targets(cfg, 0.0, cfg.sparsity)
-    channels_before = channel_counts(model)
+    channels_before, heads_before = channel_counts(model), head_counts(model)
     pruner = ChannelPruner(
         model,
         example,
@@ -493,7 +493,7 @@ def _prune_channels(
         # weight sparsity says nothing here: what shrank is the channel count of the selected layers
         now = channel_counts(model)
         steps[-1]["sparsity"] = 1 - sum(now[name] for name in layers) / sum(channels_before[name] for name in layers)
-    channels_after = channel_counts(model)
+    channels_after, heads_after = channel_counts(model), head_counts(model)
     return {
         "pruned_layers": sorted(layers),
         "channels": {
@@ -501,6 +501,8 @@ def _prune_channels(
             for name, count in channels_before.items()
             if channels_after.get(name) != count
         },
+        # attention modules whose heads went, [before, after]
+        "heads": {name: [count, heads_after[name]] for name, count in heads_before.items() if heads_after[name] != count},
         "round_to": cfg.round_to,
         "steps": steps,
         "metric_before_finetune": steps[-1]["metric_after_prune"],
