@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from compress.batches import Nested, leaves, selected
 from compress.errors import BadInput
@@ -140,6 +141,68 @@ class Objective:
 
     def distill_loss(self, student_outputs: Nested, teacher_outputs: Nested, temperature: float) -> Tensor:
         return self.distill(self.select(student_outputs), self.select(teacher_outputs), temperature)
+
+
+def feature_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The names of the modules whose outputs feature distillation matches (fnmatch patterns)."""
+    names = [name for name, _ in model.named_modules() if name and any(fnmatch(name, p) for p in patterns)]
+    if not names:
+        raise BadInput(f"features: {patterns} match no module of the student")
+    return names
+
+
+class FeatureDistillation:
+    """Feature distillation (FitNets' hints, without a regressor): the mean squared error between what
+    modules of the student and the same-named modules of the teacher output on one batch, averaged over
+    the modules. Forward hooks record the outputs of the modules whose names match `patterns` (fnmatch,
+    as params.targets); a module returning a tuple or a ModelOutput gives its `last_hidden_state` where it
+    has one, else its first tensor. `loss()` reads what the last student and teacher forwards recorded.
+    A context manager: the hooks go on exit."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, patterns: list[str]) -> None:
+        self.names = feature_modules(student, patterns)
+        in_teacher = dict(teacher.named_modules())
+        missing = [name for name in self.names if name not in in_teacher]
+        if missing:
+            raise BadInput(f"features: the teacher has no module {missing[0]!r} (matched in the student)")
+        self.student: dict[str, Tensor] = {}
+        self.teacher: dict[str, Tensor] = {}
+        self.handles = [student.get_submodule(name).register_forward_hook(self._record(self.student, name)) for name in self.names]
+        self.handles += [in_teacher[name].register_forward_hook(self._record(self.teacher, name)) for name in self.names]
+
+    @staticmethod
+    def _record(into: dict[str, Tensor], name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            found = dict(leaves(output))
+            if not found:
+                raise BadInput(f"features: module {name!r} returns no tensor ({type(output).__name__})")
+            into[name] = found.get("last_hidden_state", next(iter(found.values())))
+
+        return hook
+
+    def loss(self) -> Tensor:
+        """The feature MSE of the last student and teacher forwards (a module that did not run in both
+        is one line naming it, as are outputs of different shapes: a channel-pruned module's)."""
+        for name in self.names:
+            s, t = self.student.get(name), self.teacher.get(name)
+            if s is None or t is None:
+                raise BadInput(f"features: module {name!r} did not run in the {'student' if s is None else 'teacher'}")
+            if s.shape != t.shape:
+                raise BadInput(
+                    f"features: module {name!r} outputs {list(s.shape)} in the student and {list(t.shape)} in the "
+                    "teacher (channel pruning narrows the modules inside blocks; match blocks' outputs)"
+                )
+        value = kd_mse({n: self.student[n] for n in self.names}, {n: self.teacher[n].detach() for n in self.names}, 1.0)
+        self.student.clear()
+        self.teacher.clear()
+        return value
+
+    def __enter__(self) -> FeatureDistillation:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _one(outputs: Nested, loss: str) -> Tensor:

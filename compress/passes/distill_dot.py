@@ -10,10 +10,12 @@ Any task: the task loss is `loss` (ce, mse, python:; auto by the targets) and th
 `kd_loss` (kl, mse, cosine; auto by the metric), both on the outputs `model.output` selects
 (compress/losses.py). Without targets there is no task loss: the student learns from the teacher alone,
 by SGD with momentum on the distillation loss (DOT's two momenta balance two gradients; with one there is
-nothing to balance), and the stage's report says so.
+nothing to balance), and the stage's report says so. `features` adds feature distillation: the MSE between
+named modules' outputs in the student and the teacher (a transformer's blocks), on the distillation side.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -37,7 +39,7 @@ from compress.distributed import (
     world_size,
 )
 from compress.errors import BadInput
-from compress.losses import Objective, cross_entropy, kl
+from compress.losses import FeatureDistillation, Objective, cross_entropy, feature_modules, kl
 from compress.models import build_model, check_arch, load_checkpoint
 from compress.optim import DOT
 from compress.passes.prune_magnitude import LossConfig, loss_name
@@ -73,9 +75,21 @@ class DistillDotConfig(LossConfig):
     step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of training")
     step_gamma: float = Field(0.1, gt=0, le=1)
     shift: int = Field(0, ge=0, le=8, description="random +-pixel shifts (augmentation)")
+    features: list[str] = Field(
+        default_factory=list,
+        description="feature distillation: module-name patterns (fnmatch, as prune's targets: * crosses dots, "
+        "so name blocks, e.g. encoder.layer.? or vit.layers.1); the mean squared error between each matched "
+        "module's output in the student and in the teacher's module of the same name (a tuple or ModelOutput: "
+        "its last_hidden_state, else its first tensor), averaged over the modules, times w_features, is added "
+        "to the distillation loss. Needs no targets. Outputs must have equal shapes (channel pruning narrows "
+        "the modules inside blocks)",
+    )
+    w_features: float = Field(1.0, ge=0, description="weight of the feature MSE (features)")
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillDotConfig:
+        if self.features and self.trainer == "ce":
+            raise ValueError("features: feature distillation needs a teacher (trainer dot or kd, not ce)")
         if self.momentum + self.delta >= 1 or self.momentum - self.delta < 0:
             raise ValueError(
                 f"delta: momentum +- delta must lie in [0, 1), got momentum {self.momentum}, delta {self.delta}"
@@ -114,9 +128,11 @@ def _gradients(
     cfg: DistillDotConfig,
     objective: Objective,
     trainer: str,
+    features: FeatureDistillation | None = None,
 ) -> tuple[list[list[Tensor | None]], float]:
     """The trainer's gradient sets from one forward of the student: [task, kd] for dot, one set otherwise.
-    Without a task loss (no targets) `trainer` is kd and its one set is the weighted distillation loss's."""
+    Without a task loss (no targets) `trainer` is kd and its one set is the weighted distillation loss's.
+    `features` (hooked on both models) adds w_features times its feature MSE to the distillation loss."""
     outputs = call_model(student, x)
     task = objective.task_loss(outputs, y)
     if trainer == "ce":
@@ -126,6 +142,8 @@ def _gradients(
     with torch.no_grad():
         teacher_outputs = call_model(teacher, x)
     distill = cfg.w_kd * objective.distill_loss(outputs, teacher_outputs, cfg.temperature)
+    if features is not None:
+        distill = distill + cfg.w_features * features.loss()
     if task is None:
         return [list(torch.autograd.grad(distill, params, allow_unused=True))], distill.item()
     task = cfg.w_ce * task
@@ -174,7 +192,8 @@ def distill(
 
     `objective` (default: cross-entropy and KL) gives the task and distillation losses. Where it has no
     task loss or the data no targets, dot and kd train on the distillation loss alone with SGD with
-    momentum (`task_free`); ce has nothing to train on and is refused."""
+    momentum (`task_free`); ce has nothing to train on and is refused. `cfg.features` adds feature
+    distillation (losses.FeatureDistillation) to the distillation loss."""
     objective = objective or Objective(cross_entropy, kl)
     trainer = cfg.trainer
     if task_free(objective, dataset):
@@ -199,7 +218,8 @@ def distill(
     run = DistillRun(optimizer, scheduler)
     generator = torch.Generator().manual_seed(seed)
     progress = progress or RunProgress(quiet=True)
-    with progress.task(description, cfg.epochs * steps_per_epoch) as advance:
+    features = FeatureDistillation(student, teacher, cfg.features) if cfg.features and teacher is not None else None
+    with progress.task(description, cfg.epochs * steps_per_epoch) as advance, features or contextlib.nullcontext():
         for epoch in range(cfg.epochs):
             started = time.perf_counter()
             student.train()
@@ -207,7 +227,9 @@ def distill(
             running = 0.0
             for step, (shard, (x, y)) in enumerate(zip(shards, shard_loader(dataset, shards)), start=1):
                 x = to_device(random_shift(x, cfg.shift, generator, of=shard.batch_size, start=shard.start), device)
-                grad_sets, loss = _gradients(student, teacher, x, to_device(y, device), params, cfg, objective, trainer)
+                grad_sets, loss = _gradients(
+                    student, teacher, x, to_device(y, device), params, cfg, objective, trainer, features
+                )
                 for grads in grad_sets:
                     reduce_gradients(grads, shard.share)
                     for grad, mask in zip(grads, keep):
@@ -337,6 +359,8 @@ def distill_dot(state: ModelState, cfg: DistillDotConfig, ctx: StageContext) -> 
         info["task_loss"] = cfg.loss if cfg.loss != "auto" else loss_name(objective.task)
     if teacher is not None:
         info["kd_loss"] = loss_name(objective.distill)
+    if cfg.features:
+        info["features"] = feature_modules(state.model, cfg.features)
     run = distill(
         state.model,
         teacher,
