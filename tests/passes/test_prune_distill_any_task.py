@@ -7,20 +7,21 @@ Real torchvision models, real Torch-Pruning; tiny data (8 samples, one epoch) so
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from compress.batches import call_model, leaves
-from compress.data import DataSplits
 from compress.errors import BadInput
-from compress.metrics import resolve_metric
 from compress.passes import get_pass
 from compress.sparsity import nm_violations, output_layer_names
 from compress.state import ModelState, StageContext
-from compress.train import predict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pass_helpers import any_context, run_pass  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -29,19 +30,6 @@ UNLABELLED = "none (unlabelled data): distillation loss alone"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Items(Dataset):
-    """Dataset items as given: (sample, target) or (sample,)."""
-
-    def __init__(self, items: list) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        return self.items[index]
 
 
 class DetectorHead(nn.Module):
@@ -75,28 +63,6 @@ class Embedder(nn.Module):
         return self.head(pooled)
 
 
-def _context(model: nn.Module, items: list, metric: str, targets: str, samples_shape=None) -> StageContext:
-    """A standalone context whose metric is `metric` (against the model as given, when a fidelity
-    metric) and whose baseline is a copy of the model."""
-    dataset = Items(items)
-    splits = DataSplits(
-        dataset, dataset, dataset, num_classes=None, input_shape=samples_shape, name="any", targets=targets, split="random"
-    )  # fmt: skip
-    ctx = StageContext.standalone(splits, batch_size=8)
-    chosen = resolve_metric(metric)
-    reference = predict(model, dataset)[0] if chosen.against_reference else None
-
-    def score_and_outputs(m: nn.Module):
-        outputs, labels = predict(m, dataset)
-        return chosen(outputs, labels, reference), outputs
-
-    ctx.metric = chosen
-    ctx.score_and_outputs = score_and_outputs
-    ctx.evaluate = lambda m: score_and_outputs(m)[0]
-    ctx.baseline = ModelState(copy.deepcopy(model).eval())
-    return ctx
-
-
 def _segmentation(samples: int = 8):
     torch.manual_seed(0)
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
@@ -105,7 +71,7 @@ def _segmentation(samples: int = 8):
         (torch.randn(3, 64, 64, generator=generator), torch.randint(0, 4, (64, 64), generator=generator))
         for _ in range(samples)
     ]
-    return model, _context(model, items, "miou", "other", (3, 64, 64))
+    return model, any_context(model, items, "miou", "other", (3, 64, 64))
 
 
 def _detector(samples: int = 8, metric: str = "cosine"):
@@ -113,7 +79,7 @@ def _detector(samples: int = 8, metric: str = "cosine"):
     model = DetectorHead().eval()
     generator = torch.Generator().manual_seed(1)
     items = [(torch.randn(3, 64, 64, generator=generator),) for _ in range(samples)]
-    return model, _context(model, items, metric, "none", (3, 64, 64))
+    return model, any_context(model, items, metric, "none", (3, 64, 64))
 
 
 def _embedder(samples: int = 16, labelled: bool = True):
@@ -127,17 +93,12 @@ def _embedder(samples: int = 16, labelled: bool = True):
         with torch.no_grad():
             target = teacher(sample["ids"][None], sample["mask"][None])[0]
         items.append((sample, target) if labelled else (sample,))
-    return model, _context(model, items, "mse", "other" if labelled else "none")
+    return model, any_context(model, items, "mse", "other" if labelled else "none")
 
 
 def _outputs(model: nn.Module, ctx: StageContext) -> list[tuple[str, tuple[int, ...]]]:
     with torch.no_grad():
         return [(name, tuple(t.shape)) for name, t in leaves(call_model(model.eval(), ctx.example()))]
-
-
-def _run(spec, model: nn.Module, ctx: StageContext, **params):
-    result = spec.apply(ModelState(model), spec.config_type.model_validate(params), ctx)
-    return result.state, result.info
 
 
 # --- output layers ---------------------------------------------------------------------------------------
@@ -162,7 +123,7 @@ def test_every_output_head_has_its_prediction_layers_found() -> None:
 def test_segmenter_channels_finetune_on_pixel_classes_distilling_from_the_input_model() -> None:
     model, ctx = _segmentation()
     shapes = _outputs(model, ctx)
-    _, info = _run(
+    _, info = run_pass(
         PRUNE, model, ctx, granularity="channels", sparsity=0.25, finetune={"epochs": 1, "distill": 0.5}
     )  # fmt: skip
     assert info["finetune_loss"] == "ce" and info["finetune_kd_loss"] == "kl"  # miou reads class scores
@@ -176,7 +137,7 @@ def test_unlabelled_detector_head_channels_finetune_on_distillation_alone() -> N
     model, ctx = _detector()
     shapes = _outputs(model, ctx)
     before = copy.deepcopy(model.state_dict())
-    _, info = _run(PRUNE, model, ctx, granularity="channels", sparsity=0.25, measure_dnr=False, finetune={"epochs": 1})
+    _, info = run_pass(PRUNE, model, ctx, granularity="channels", sparsity=0.25, measure_dnr=False, finetune={"epochs": 1})
     assert info["finetune_loss"] == UNLABELLED and info["finetune_kd_loss"] == "cosine"
     assert info["macs_ratio"] > 1.3
     assert _outputs(model, ctx) == shapes == [("0", (1, 144, 4)), ("1", (1, 144, 5))]
@@ -191,7 +152,7 @@ def test_unlabelled_detector_head_channels_finetune_on_distillation_alone() -> N
 def test_unlabelled_detector_head_unstructured_and_2to4_leave_every_head_dense(granularity: str) -> None:
     model, ctx = _detector(8)
     params = {"sparsity": 0.5} if granularity == "unstructured" else {"nm_rule": "divisible"}
-    _, info = _run(PRUNE, model, ctx, granularity=granularity, measure_dnr=False, finetune={"epochs": 1}, **params)
+    _, info = run_pass(PRUNE, model, ctx, granularity=granularity, measure_dnr=False, finetune={"epochs": 1}, **params)
     heads = set(output_layer_names(model, ctx.example()))
     assert not heads & set(info["pruned_layers"])
     assert all(int((model.get_submodule(name).weight == 0).sum()) == 0 for name in heads)
@@ -205,7 +166,7 @@ def test_unlabelled_detector_head_unstructured_and_2to4_leave_every_head_dense(g
 
 def test_token_id_embedder_channels_finetune_on_float_targets() -> None:
     model, ctx = _embedder()
-    _, info = _run(
+    _, info = run_pass(
         PRUNE, model, ctx, granularity="channels", sparsity=0.5, scope="layer", round_to=None, finetune={"epochs": 1}
     )  # fmt: skip
     assert info["finetune_loss"] == "mse" and "finetune_kd_loss" not in info
@@ -218,7 +179,7 @@ def test_token_id_embedder_channels_finetune_on_float_targets() -> None:
 def test_an_explicit_loss_without_targets_is_one_line() -> None:
     model, ctx = _embedder(4, labelled=False)
     with pytest.raises(BadInput, match=r"params\.finetune\.loss: mse needs targets, and the data has none"):
-        _run(PRUNE, model, ctx, sparsity=0.5, finetune={"epochs": 1, "loss": "mse"})
+        run_pass(PRUNE, model, ctx, sparsity=0.5, finetune={"epochs": 1, "loss": "mse"})
 
 
 def test_unknown_losses_are_refused_naming_the_field() -> None:
@@ -233,7 +194,7 @@ def test_unknown_losses_are_refused_naming_the_field() -> None:
 
 def test_ap_on_the_unlabelled_detector_head_recovers_by_distillation() -> None:
     model, ctx = _detector(8)
-    _, info = _run(AP, model, ctx, sparsity=0.5, cycles=1, finetune={"epochs": 1})
+    _, info = run_pass(AP, model, ctx, sparsity=0.5, cycles=1, finetune={"epochs": 1})
     assert info["finetune_loss"] == UNLABELLED
     assert abs(info["cycles"][-1]["sparsity"] - 0.5) < 1e-3
     assert not set(output_layer_names(model, ctx.example())) & set(info["pruned_layers"])
@@ -241,7 +202,7 @@ def test_ap_on_the_unlabelled_detector_head_recovers_by_distillation() -> None:
 
 def test_ap_on_the_segmenter_trains_on_pixel_classes() -> None:
     model, ctx = _segmentation(8)
-    _, info = _run(AP, model, ctx, sparsity=0.5, cycles=1, finetune={"epochs": 1})
+    _, info = run_pass(AP, model, ctx, sparsity=0.5, cycles=1, finetune={"epochs": 1})
     assert info["finetune_loss"] == "ce"
     assert info["dnr_after"] is not None
 
@@ -251,14 +212,14 @@ def test_ap_on_the_segmenter_trains_on_pixel_classes() -> None:
 
 def _shrink(model: nn.Module, ctx: StageContext) -> None:
     """The student: the model channel-pruned without fine-tuning (what distill.dot recovers)."""
-    _run(PRUNE, model, ctx, granularity="channels", sparsity=0.25, measure_dnr=False, finetune={"epochs": 0})
+    run_pass(PRUNE, model, ctx, granularity="channels", sparsity=0.25, measure_dnr=False, finetune={"epochs": 0})
 
 
 def test_dot_on_the_segmenter_with_pixel_class_targets() -> None:
     model, ctx = _segmentation()
     _shrink(model, ctx)
     before = copy.deepcopy(model.state_dict())
-    _, info = _run(DISTILL, model, ctx, epochs=1, lr=0.01)
+    _, info = run_pass(DISTILL, model, ctx, epochs=1, lr=0.01)
     assert info["task_loss"] == "ce" and info["kd_loss"] == "kl" and "update" not in info
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -267,7 +228,7 @@ def test_dot_on_the_unlabelled_detector_head_runs_on_distillation_alone() -> Non
     model, ctx = _detector()
     _shrink(model, ctx)
     teacher_before = copy.deepcopy(ctx.baseline.model.state_dict())
-    _, info = _run(DISTILL, model, ctx, epochs=1, lr=0.01)
+    _, info = run_pass(DISTILL, model, ctx, epochs=1, lr=0.01)
     assert info["task_loss"] == UNLABELLED and info["kd_loss"] == "cosine"
     assert "DOT's two momenta need a task loss" in info["update"]
     assert all(torch.equal(teacher_before[k], v) for k, v in ctx.baseline.model.state_dict().items())
@@ -281,8 +242,8 @@ def test_unlabelled_dot_is_sgd_on_the_distillation_loss_and_brings_the_student_c
             p.add_(0.3 * torch.randn_like(p))
     start = ctx.evaluate(model)
     twin = copy.deepcopy(model)
-    _, dot = _run(DISTILL, model, ctx, epochs=8, lr=0.05, trainer="dot")
-    _, kd = _run(DISTILL, twin, ctx, epochs=8, lr=0.05, trainer="kd")
+    _, dot = run_pass(DISTILL, model, ctx, epochs=8, lr=0.05, trainer="dot")
+    _, kd = run_pass(DISTILL, twin, ctx, epochs=8, lr=0.05, trainer="kd")
     assert dot["task_loss"] == kd["task_loss"] == UNLABELLED and dot["kd_loss"] == "mse"  # metric mse
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert torch.equal(a, b), name
@@ -292,20 +253,20 @@ def test_unlabelled_dot_is_sgd_on_the_distillation_loss_and_brings_the_student_c
 def test_dot_on_token_ids_with_float_targets() -> None:
     model, ctx = _embedder()
     _shrink(model, ctx)
-    _, info = _run(DISTILL, model, ctx, epochs=1, lr=0.01)
+    _, info = run_pass(DISTILL, model, ctx, epochs=1, lr=0.01)
     assert info["task_loss"] == "mse" and info["kd_loss"] == "mse"
 
 
 def test_unlabelled_data_refuses_a_task_loss_and_trainer_ce() -> None:
     model, ctx = _embedder(4, labelled=False)
     with pytest.raises(BadInput, match=r"params\.loss: ce needs targets, and the data has none"):
-        _run(DISTILL, model, ctx, loss="ce")
+        run_pass(DISTILL, model, ctx, loss="ce")
     with pytest.raises(BadInput, match=r"params\.trainer: ce trains on the task loss alone, and the data has no targets"):
-        _run(DISTILL, model, ctx, trainer="ce")
+        run_pass(DISTILL, model, ctx, trainer="ce")
 
 
 def test_a_teacher_of_another_output_structure_is_one_line() -> None:
     model, ctx = _embedder(4)
     ctx.baseline = ModelState(Embedder(out=8))
     with pytest.raises(BadInput, match=r"params\.teacher: baseline gives outputs tensor \[1, 8\], the student tensor \[1, 16\]"):
-        _run(DISTILL, model, ctx)
+        run_pass(DISTILL, model, ctx)
