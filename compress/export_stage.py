@@ -76,7 +76,7 @@ def export_and_verify(
             advance(0, f"{name}: torch -> ONNX")
             if name == ORIGINAL:
                 assert original is not None
-                export_onnx(original.model, example, path, opset=cfg.onnx.opset)
+                export_onnx(original.model, example, path, opset=cfg.onnx.opset, dynamic_axes=cfg.onnx.dynamic_axes)
                 reference = original.torch_outputs
             else:
                 writer.write(name, path)
@@ -161,7 +161,8 @@ class _OnnxWriter:
         from export.onnx_export import export_onnx
 
         if not self.fp32_written:
-            export_onnx(self.model, self.example, self.fp32, opset=self.cfg.onnx.opset)
+            onnx = self.cfg.onnx
+            export_onnx(self.model, self.example, self.fp32, opset=onnx.opset, dynamic_axes=onnx.dynamic_axes)
             self.fp32_written = True
         return self.fp32
 

@@ -140,11 +140,26 @@ class OnnxConfig(StrictModel):
         default_factory=lambda: ["fp32"], min_length=1
     )
     io_fp16: bool = Field(False, description="fp16 files take and return fp16 (default: fp32 I/O, casts inside)")
+    # ONNX input/output name -> {axis: label}: axes dynamic besides the batch axis 0 (a sequence axis, say);
+    # names and ranks are checked against the model before the run starts (export.onnx_export)
+    dynamic_axes: dict[str, dict[int, str]] = Field(default_factory=dict)
     int8_ort_weights: Literal["safe", "signed"] = Field(
         "safe",
         description="int8-ort: 8-bit weights past +-64 stored unsigned so x86 CPUs without VNNI cannot saturate "
         "(exact everywhere), or all signed (faster there, exact only with VNNI or on ARM)",
     )
+
+    @field_validator("dynamic_axes")
+    @classmethod
+    def _axes_beyond_batch(cls, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+        for tensor, labels in axes.items():
+            for axis, label in labels.items():
+                where = f"{tensor}: axis {axis}"
+                if axis < 1:
+                    raise ValueError(f"{where}: axis 0 is the batch axis, always dynamic; declare axes >= 1")
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", label) or label == "batch":
+                    raise ValueError(f"{where}: expected a label such as 'sequence' (not 'batch'), got {label!r}")
+        return axes
 
     @field_validator("precisions", mode="before")
     @classmethod
@@ -194,6 +209,15 @@ class ExportConfig(StrictModel):
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @model_validator(mode="after")
+    def _engines_vary_only_the_batch(self) -> ExportConfig:
+        if self.onnx.dynamic_axes and self.tensorrt.build == "required":
+            raise ValueError(
+                "onnx.dynamic_axes: TensorRT engine profiles here vary only the batch axis, so no engine is built "
+                "from a file with other dynamic axes; set tensorrt.build: auto or never"
+            )
+        return self
 
 
 class ResourcesConfig(StrictModel):

@@ -254,6 +254,12 @@ class Runner:
             ) from None
         if not flat_outputs(outputs):
             raise BadInput(f"model.arch: {self.recipe.model.arch} returned {type(outputs).__name__}, no tensors")
+        export = self.recipe.export
+        if export is not None and export.onnx.dynamic_axes:
+            from export.onnx_export import onnx_dynamic_axes
+
+            # a name or axis the file will not have is found now, not after the stages
+            onnx_dynamic_axes(export.onnx.dynamic_axes, example, outputs, where="export.onnx.dynamic_axes")
         chosen = selected(outputs, self.recipe.model.output)
         if self.metric.reads_class_scores and self.data.num_classes is not None and isinstance(chosen, torch.Tensor):
             classes = chosen.shape[-1 if chosen.dim() == 3 else 1] if chosen.dim() >= 2 else 0

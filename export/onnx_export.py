@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX export: fp32, one file, a dynamic batch axis 0 on every input and output.
+"""PyTorch -> ONNX export: fp32, one file, a dynamic batch axis 0 on every input and output, and any
+further dynamic axes the caller declares (``dynamic_axes``: a sequence axis, say).
 
 Names: a lone input tensor is "input", a tuple/list sample's are "input_0", "input_1", ..., a dict
 sample's its keys (export.ort_runner.input_leaves). A lone output tensor is "logits"; several outputs
@@ -33,7 +34,7 @@ import os
 import re
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ import torch
 
 from compress.atomic import atomic_write_bytes
 from compress.batches import Nested, call_model, leaves, map_tensors
+from compress.errors import BadInput
 from export.errors import ExportError
 from export.ort_runner import INPUT_NAME, input_leaves
 
 OUTPUT_NAME = "logits"
+BATCH_AXIS = "batch"  # the dim_param of axis 0 of every input and output
 # metadata_props key: JSON list of the outputs' compress.batches.leaves names, in the file's output order
 OUTPUT_LEAVES_KEY = "compress.output_leaves"
 
@@ -66,11 +69,15 @@ def export_onnx(
     path: str | Path,
     *,
     opset: int = 17,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export ``model`` to a single self-contained ONNX file at ``path`` and return it.
 
     ``example_input`` is a batch of one sample as the model takes it: a tensor (``model(x)``), a
     tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors.
+    ``dynamic_axes``: ONNX input or output name -> {axis: label} declared dynamic besides the batch axis 0
+    (``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}``); axes with the same label are
+    the same size. A name the file does not have or an axis beyond the tensor's rank is ``BadInput``.
     The write is atomic: on any failure ``path`` is not created or modified.
     The caller's model is left as it was (device, dtype, per-module train/eval flags).
     Raises ``ExportError`` when the model cannot be converted.
@@ -90,7 +97,7 @@ def export_onnx(
     modes = {m: m.training for m in export_model.modules()}
     try:
         export_model.eval()
-        model_bytes = _trace_to_onnx(export_model, example, [n for n, _ in named], opset, name)
+        model_bytes = _trace_to_onnx(export_model, example, [n for n, _ in named], opset, name, dynamic_axes or {})
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
@@ -103,6 +110,42 @@ def output_name(leaf: str) -> str:
     """The ONNX name of an output with compress.batches.leaves name ``leaf`` (several outputs)."""
     flat = re.sub(r"[^0-9A-Za-z_]", "_", leaf)
     return f"output_{flat}" if not flat or flat[0].isdigit() else flat
+
+
+def output_names(outputs: Nested) -> list[str]:
+    """The ONNX names export_onnx gives the outputs of a model that returned ``outputs``, in order."""
+    if isinstance(outputs, torch.Tensor):
+        return [OUTPUT_NAME]
+    return [output_name(k) for k, _ in leaves(outputs)]
+
+
+def onnx_dynamic_axes(
+    declared: Mapping[str, Mapping[int, str]], example: Nested, outputs: Nested, *, where: str = "dynamic_axes"
+) -> dict[str, dict[int, str]]:
+    """torch.onnx.export's dynamic_axes for a model that maps ``example`` to ``outputs``: the batch axis 0
+    of every input and output, merged with the ``declared`` axes (ONNX name -> {axis: label}). A
+    declared name that is neither an input nor an output, an axis outside the tensor, axis 0 or the
+    label "batch" is one BadInput line starting with ``where``."""
+    inputs = {n: t.dim() for n, t in input_leaves(example)}
+    results = {n: t.dim() for n, (_, t) in zip(output_names(outputs), leaves(outputs))}
+    ranks = {**inputs, **results}
+    axes = {n: {0: BATCH_AXIS} for n in ranks}
+    for tensor, declared_axes in declared.items():
+        if tensor not in ranks:
+            raise BadInput(
+                f"{where}: {tensor!r} is not an input or output of the ONNX file "
+                f"(inputs: {', '.join(inputs) or 'none'}; outputs: {', '.join(results) or 'none'})"
+            )
+        for axis, label in declared_axes.items():
+            if not 1 <= axis < ranks[tensor]:
+                raise BadInput(
+                    f"{where}: {tensor}: axis {axis} is out of range for a tensor of rank {ranks[tensor]} "
+                    f"(axis 0 is the batch axis, always dynamic; others are 1..{ranks[tensor] - 1})"
+                )
+            if label == BATCH_AXIS:
+                raise BadInput(f"{where}: {tensor}: axis {axis}: the label {BATCH_AXIS!r} is axis 0's; choose another")
+            axes[tensor][axis] = label
+    return axes
 
 
 class _FlatIO(torch.nn.Module):
@@ -139,7 +182,12 @@ def _cpu_fp32_view(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _trace_to_onnx(
-    model: torch.nn.Module, example: Nested, input_names: list[str], opset: int, name: str
+    model: torch.nn.Module,
+    example: Nested,
+    input_names: list[str],
+    opset: int,
+    name: str,
+    declared_axes: Mapping[str, Mapping[int, str]],
 ) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings(record=True) as caught, _no_onnx_log(), torch.no_grad():
@@ -152,9 +200,10 @@ def _trace_to_onnx(
             if not found:
                 raise ExportError(f"cannot export {name} to ONNX: it returned {type(outputs).__name__}, no tensors")
             lone = isinstance(example, torch.Tensor) and isinstance(outputs, torch.Tensor)
-            output_names = [OUTPUT_NAME] if isinstance(outputs, torch.Tensor) else [output_name(k) for k, _ in found]
-            if len(set(output_names)) != len(output_names):
+            names = output_names(outputs)
+            if len(set(names)) != len(names):
                 raise ExportError(f"cannot export {name} to ONNX: output names collide ({', '.join(k for k, _ in found)})")
+            dynamic_axes = onnx_dynamic_axes(declared_axes, example, outputs)
             # A lone tensor in and out is traced as it always was (same graph, node names and bytes).
             traced, args = (model, (example,)) if lone else (_FlatIO(model, example), tuple(t for _, t in input_leaves(example)))
             # Exporting into memory rather than a path guarantees a single file: there is no directory
@@ -165,14 +214,14 @@ def _trace_to_onnx(
                 buf,
                 **_torchscript_kwargs(),
                 input_names=input_names,
-                output_names=output_names,
-                dynamic_axes={n: {0: "batch"} for n in [*input_names, *output_names]},
+                output_names=names,
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
                 export_params=True,
                 verbose=False,
             )
-        except ExportError:
+        except (ExportError, BadInput):
             raise
         except Exception as e:  # the exporter raises many unrelated types for one cause
             raise ExportError(f"cannot export {name} to ONNX (opset {opset}): {_first_line(e)}") from e
@@ -182,7 +231,7 @@ def _trace_to_onnx(
             f"cannot export {name} to ONNX: data-dependent control flow at {frozen} "
             "(a tensor is converted to a Python bool), which tracing would freeze to one branch"
         )
-    return _validate(buf.getvalue(), name, input_names, output_names, [k for k, _ in found])
+    return _validate(buf.getvalue(), name, input_names, names, [k for k, _ in found])
 
 
 def _frozen_control_flow(caught: list[warnings.WarningMessage]) -> str | None:

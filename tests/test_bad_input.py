@@ -81,6 +81,14 @@ CASES: dict[str, tuple[Change | str, str]] = {
     "bad_version": (lambda r, d: r.update(version=7), "version"),
     "stage_name_path": (lambda r, d: r["stages"][0].update(name="../up"), "stages[0].name"),
     "opset_out_of_range": (lambda r, d: r["export"]["onnx"].update(opset=9), "export.onnx.opset"),
+    "dynamic_axes_unknown_name": (
+        lambda r, d: r["export"]["onnx"].update(dynamic_axes={"inptu": {2: "height"}}),
+        "export.onnx.dynamic_axes: 'inptu' is not an input or output of the ONNX file (inputs: input; outputs: logits)",
+    ),
+    "dynamic_axes_out_of_range": (
+        lambda r, d: r["export"]["onnx"].update(dynamic_axes={"logits": {2: "classes"}}),
+        "export.onnx.dynamic_axes: logits: axis 2 is out of range for a tensor of rank 2",
+    ),
     "bad_split": (lambda r, d: r["data"].update(split={"val": 0.5, "test": 0.45}), "data.split"),
     # model
     "unknown_builtin": (lambda r, d: r["model"].update(arch="builtin:resnet21"), "model.arch: unknown builtin"),

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+import yaml
 
 from compress.errors import BadInput
 from compress.recipe import parse_recipe
@@ -20,6 +23,10 @@ def test_stage_params_are_typed(tiny_recipe: dict) -> None:
     assert config.sparsity == 0.5 and config.finetune.epochs == 1
 
 
+def _axes(declared: dict) -> Callable[[dict], None]:
+    return lambda r: r["export"]["onnx"].update(dynamic_axes=declared)
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -37,6 +44,13 @@ def test_stage_params_are_typed(tiny_recipe: dict) -> None:
         (lambda r: r.update(version=2), "version:"),
         (lambda r: r["export"]["onnx"].update(precisions=["int8"]), "int8-ort needs a quantize stage"),
         (lambda r: r["export"]["onnx"].update(precisions=["fp32", "fp32"]), "export.onnx.precisions: each precision once"),
+        (_axes({"input": {0: "rows"}}), "export.onnx.dynamic_axes: input: axis 0: axis 0 is the batch axis"),
+        (_axes({"input": {2: "batch"}}), "input: axis 2: expected a label such as 'sequence'"),
+        (_axes({"input": {"two": "h"}}), "export.onnx.dynamic_axes.input.two"),
+        (
+            lambda r: r["export"].update(onnx={"dynamic_axes": {"input": {2: "h"}}}, tensorrt={"build": "required"}),
+            "export: onnx.dynamic_axes: TensorRT engine profiles here vary only the batch axis",
+        ),
         (
             lambda r: (r["stages"].append({"name": "q", "pass": "quantize.rtn", "params": {"unsigned_symmetric": True}}),
                        r["export"]["onnx"].update(precisions=["int8-trt"])),
@@ -62,3 +76,9 @@ def test_int8_means_the_cpu_flavor(tiny_recipe: dict) -> None:
     tiny_recipe["stages"].append({"name": "quantize", "pass": "quantize.rtn", "params": {}})
     tiny_recipe["export"]["onnx"]["precisions"] = ["fp32", "int8", "int8-trt"]
     assert parse_recipe(tiny_recipe, "r.yaml").export.onnx.precisions == ["fp32", "int8-ort", "int8-trt"]
+
+
+def test_dynamic_axes_default_to_none_and_take_yaml_integer_keys(tiny_recipe: dict) -> None:
+    assert parse_recipe(tiny_recipe, "r.yaml").export.onnx.dynamic_axes == {}
+    tiny_recipe["export"]["onnx"]["dynamic_axes"] = yaml.safe_load("{input: {2: height, 3: width}}")
+    assert parse_recipe(tiny_recipe, "r.yaml").export.onnx.dynamic_axes == {"input": {2: "height", 3: "width"}}
