@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,20 @@ def test_top1(model: nn.Module, data: DataSplits) -> float:
     return float(TOP1(*predict(model, data.test)))
 
 
+def calibration_reader(feeds: list[dict[str, Any]]) -> Any:
+    """An ONNX Runtime CalibrationDataReader that hands out `feeds` (input name -> numpy batch), once each."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    return Reader()
+
+
 def ort_quantize_static(
     fp32: Path,
     data: DataSplits,
@@ -53,22 +68,15 @@ def ort_quantize_static(
     images drawn like our passes draw them (with calibration_seed as a stage's seed). uint8 activations are its CPU default; int8 activations are
     asymmetric (a zero point per tensor: post-ReLU ranges get all 256 levels) unless symmetric_activations,
     TensorRT's form (zero point 0, what our quantizers produce: 128 levels for a post-ReLU range)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
     from compress.data import calibration_subset, dataset_tensors
 
     calib, _ = dataset_tensors(calibration_subset(data.train, 1024, calibration_seed))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i : i + 64].numpy()} for i in range(0, len(calib), 64)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
+    feeds = [{"input": calib[i : i + 64].numpy()} for i in range(0, len(calib), 64)]
     quantize_static(
-        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        str(fp32), str(out), calibration_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": symmetric_activations},
