@@ -195,7 +195,7 @@ def ort_files(
             with contextlib.redirect_stdout(sys.stderr):  # the histogram calibrators print progress
                 seconds = timed(make)
         except Exception as exc:  # a calibrator that fails on this graph is a finding, not the end of the bench
-            notes.append(f"{name}: failed after calibration: {type(exc).__name__}: {exc}")
+            notes.append(f"{name}: failed: {type(exc).__name__}: {exc}")
             continue
         same = made.setdefault(path.read_bytes(), name)
         if same != name:
