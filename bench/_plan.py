@@ -37,6 +37,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("quantization", ("--models", "resnet8", "--iterations", "100", "--seeds", "1", "--bits", "8,4,3", "--no-aimet"), ()),
     # no --quick of its own: fewer AdaRound steps and calibration images than its defaults (200, 512)
     Bench("mixed_precision", ("--iterations", "50", "--calibration", "256"), ()),
+    # all-MiniLM-L6-v2's fp32 export against ONNX Runtime's quantize_dynamic/quantize_static (issue 19's peers)
+    Bench("hf", ("--quick",), ()),
     Bench("zoo", None, ()),
     # the task recipes (segmentation, detector head) at W8A8 and W4A8: references train on first use
     # (about 10 minutes for the detector on 2 cores), so only with --full

@@ -27,6 +27,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "mixed_precision": (r"^\| pass \| weights \|",),
     "zoo": (r"^model\s+build\s+prune-ch", r"models pass every step"),
     "tasks": (r"^## ", r"^\| weights \| file \|"),
+    "hf": (r"^## all-MiniLM", r"^\| file \| cosine"),
 }
 
 
