@@ -25,9 +25,18 @@ from compress.passes.registry import PassResult, register_pass
 from compress.quant import build, is_quantized, make_plan
 from compress.quant.adaround import AdaRoundSettings, run_adaround, set_rtn
 from compress.quant.calibrate import ActCalibration, calibrate_activations
-from compress.quant.graph import following_activation, layer_nodes, quant_layers
-from compress.quant.modules import QuantLayer
+from compress.quant.graph import (
+    Placement,
+    act_quantizers,
+    following_activation,
+    layer_nodes,
+    oriented_masks,
+    quant_embeddings,
+    quant_layers,
+)
+from compress.quant.modules import QuantEmbedding, QuantLayer
 from compress.quant.grid import WeightGrid, WeightRange, weight_scales
+from compress.quant.smooth import smooth_layers
 from compress.recipe import StrictModel
 from compress.sparsity import PRUNABLE_TYPES
 from compress.state import ModelState, StageContext
@@ -76,6 +85,21 @@ class QuantizeConfig(StrictModel):
         "(ONNX Runtime then runs every conv and add in integer: the fast int8-ort file)",
     )
     act_percentile: float = Field(99.99, gt=50, le=100)
+    placement: Placement = Field(
+        "auto",
+        description="where quantizers go: graph (torch.fx trace: BN folded, residual quantizers for TensorRT), "
+        "modules (layers swapped for ones quantizing their own inputs, attention matmuls included: any model "
+        "that runs, Hugging Face transformers as loaded), auto (graph, else modules; the report says why)",
+    )
+    smooth_alpha: float | Literal["auto", "off"] = Field(
+        "auto",
+        description="SmoothQuant before calibration (module placement, Linear layers): input outliers moved "
+        "into the weights with strength alpha in [0, 1]; auto: per layer, the alpha (or none) with the least "
+        "quantized-output error on calibration inputs (compress/quant/smooth.py)",
+    )
+    quantize_embeddings: bool = Field(
+        False, description="Embedding tables stored as int8 rows with per-row scales (weight-only): smaller files"
+    )
     unsigned_symmetric: bool = Field(
         False,
         description="activations that calibration finds nonnegative (ReLU outputs) use the unsigned grid: "
@@ -148,21 +172,29 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
         first_last_8bit=cfg.first_last_8bit,
         residual=cfg.residual_quantizers,
         example=example,
+        placement=cfg.placement,
+        embeddings=cfg.quantize_embeddings,
     )
+    if plan["placement"] == "modules" and cfg.placement == "auto":
+        ctx.progress.log(f"{ctx.stage_name}: quantizers placed by module swap ({plan['placement_reason']})")
     # the float model's layer sizes: resume rebuilds a channel-pruned model before quantizing its graph
     plan["structure"] = structure_record(state.model)
     model = build(state.model, plan).eval()
-    for layer in quant_layers(model).values():
-        layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, cfg.weight_range, grid=cfg.weight_grid))
     samples = cfg.calibration_samples or ctx.calibration_samples
     # the samples collated as the model takes them: a tensor, or a tuple/dict of tensors (any dtype)
     inputs = stack_samples(calibration_subset(ctx.data.train, samples, ctx.seed))
+    if cfg.smooth_alpha != "off" and plan["placement"] == "modules" and plan["activation_bits"]:
+        alphas = smooth_layers(model, inputs, cfg.smooth_alpha, quant_layers(model), ctx.device, cfg.weight_grid)
+        plan["smoothed"] = {name: alpha for name, alpha in alphas.items() if alpha is not None}
+    for layer in [*quant_layers(model).values(), *quant_embeddings(model).values()]:
+        layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, cfg.weight_range, grid=cfg.weight_grid))
     amax = calibrate_activations(
         model, inputs, cfg.act_calibration, percentile=cfg.act_percentile, device=ctx.device,
         unsigned_symmetric=cfg.unsigned_symmetric,
     )  # fmt: skip
-    for name, layer in quant_layers(model).items():
-        set_rtn(layer, state.masks.get(f"{name}.weight"), cfg.weight_grid)
+    masks = oriented_masks(plan, state.masks)
+    for name, layer in [*quant_layers(model).items(), *quant_embeddings(model).items()]:
+        set_rtn(layer, masks.get(f"{name}.weight"), cfg.weight_grid)
     if auto is not None:
         plan["auto_bits"] = auto
     return model, plan, (inputs, amax)
@@ -224,7 +256,7 @@ def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tu
 def _finish(
     state: ModelState, model: Any, plan: dict[str, Any], cfg: QuantizeConfig, amax: dict[str, float], ctx: StageContext
 ) -> dict[str, Any]:
-    for layer in quant_layers(model).values():
+    for layer in [*quant_layers(model).values(), *quant_embeddings(model).values()]:
         layer.drop_float_weight()
     state.model, state.quant = model, plan
     ctx.progress.log(
@@ -243,7 +275,13 @@ def _finish(
         "weight_range": cfg.weight_range,
         "weight_grid": cfg.weight_grid,
         "act_calibration": cfg.act_calibration,
-        "activation_quantizers": len(plan["activations"]),
+        "activation_quantizers": len(act_quantizers(model)),
+        "placement": plan.get("placement", "graph"),
+        **({"placement_reason": plan["placement_reason"]} if "placement_reason" in plan else {}),
+        **({"attention": plan["attention"]} if plan.get("attention") else {}),
+        "quantized_matmuls": sum(plan.get("matmuls", {}).values()),
+        "quantized_embeddings": plan.get("embeddings", []),
+        **({"smoothed": plan["smoothed"]} if "smoothed" in plan else {}),
         "calibration_samples": cfg.calibration_samples or ctx.calibration_samples,
         "activation_amax": amax,
         **quantized_stats(model),
@@ -255,7 +293,7 @@ def quantized_stats(model: Any) -> dict[str, Any]:
     weights = zeros = packed_bits = 0
     per_layer: dict[str, float] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayer):
+        if isinstance(module, (QuantLayer, QuantEmbedding)):
             w, bits = module.weight_int, module.bits
         elif isinstance(module, PRUNABLE_TYPES):  # a layer left in float
             w, bits = module.weight.detach(), 32
@@ -292,8 +330,8 @@ def quantize_adaround(state: ModelState, cfg: AdaroundConfig, ctx: StageContext)
     started = time.perf_counter()
     model, plan, (inputs, amax) = _prepare(state, cfg, ctx)
     prepare_seconds = time.perf_counter() - started
-    nodes = {str(n.target): n for n in layer_nodes(model)}
-    activations = {name: following_activation(model, nodes[name]) for name in plan["bits"]}
+    nodes = {str(n.target): n for n in layer_nodes(model)} if plan.get("placement") != "modules" else {}
+    activations = {name: following_activation(model, nodes[name]) if name in nodes else None for name in plan["bits"]}
     settings = AdaRoundSettings(
         iterations=cfg.iterations,
         batch_size=cfg.batch_size,
@@ -312,8 +350,9 @@ def quantize_adaround(state: ModelState, cfg: AdaroundConfig, ctx: StageContext)
         model,
         inputs,
         settings,
-        masks=state.masks,
+        masks=oriented_masks(plan, state.masks),
         activations=activations,
+        order=list(plan["bits"]),
         device=ctx.device,
         task=lambda description, total: ctx.progress.task(f"{ctx.stage_name}: {description}", total),
     )

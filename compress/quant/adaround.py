@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -190,7 +189,7 @@ def _capture(
     chunks: list[Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        chunks.append((args[0] if want == "input" else output).detach())
+        chunks.append((layer.quantized_input(args[0]) if want == "input" else output).detach())
         raise _Stop
 
     handle = layer.register_forward_hook(hook)
@@ -296,12 +295,16 @@ def run_adaround(
     activations: dict[str, str | None],
     device: torch.device,
     task: Callable[[str, int], Any] | None = None,
+    order: list[str] | None = None,
 ) -> tuple[list[LayerReport], dict[str, int]]:
     """AdaRound every QuantLayer of `model` in forward order on `inputs`, the calibration samples collated
     into one batch (a tensor, or a tuple/dict of tensors: `batches.stack_samples`). Every layer must
     already hold its round-to-nearest integers and every activation quantizer its scale. Returns per-layer
-    reports and, for layers whose cache would exceed the budget, how many samples were kept."""
+    reports and, for layers whose cache would exceed the budget, how many samples were kept.
+    order: the layers' names in the order the forward calls them (default: the modules' order)."""
     layers = quant_layers(model)
+    if order is not None:
+        layers = {name: layers[name] for name in order}
     generator = torch.Generator().manual_seed(settings.seed)
     reports: list[LayerReport] = []
     subsampled: dict[str, int] = {}
@@ -362,8 +365,7 @@ def _adaround_layer(
         optimize_layer(layer, x, y, act, settings, mask, generator, threads=threads)
     if settings.bias_correction and layer.bias is not None:
         correct_bias(layer, x, y_pre)
-        if isinstance(model, fx.GraphModule):
-            snap_biases(model)  # back onto the int32 grid the runtimes use
+        snap_biases(model)  # back onto the int32 grid the runtimes use
     del y_pre
     report.loss_after = _eval_loss(layer, x, y, act, layer.weight)
     report.seconds = time.perf_counter() - started

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
 from compress.batches import Nested, batch_len, call_model, slice_batch, to_device
@@ -41,7 +40,7 @@ class _Histogram:
         self.counts += hist.double().cpu()
 
 
-def _run(model: nn.Module, inputs: Nested, batch_size: int, device: torch.device) -> None:
+def run_model(model: nn.Module, inputs: Nested, batch_size: int, device: torch.device) -> None:
     """The model over a collated batch of samples of any structure (`batches.stack_samples`), in chunks."""
     with torch.no_grad():
         for start in range(0, batch_len(inputs), batch_size):
@@ -100,14 +99,14 @@ def calibrate_activations(
         absmax = {name: _AbsMax() for name in quantizers}
         for name, q in quantizers.items():
             q.mode, q.observer = "observe", absmax[name]
-        _run(model, inputs, batch_size, device)
+        run_model(model, inputs, batch_size, device)
         amax = {name: obs.amax for name, obs in absmax.items()}
         unsigned = {name: unsigned_symmetric and not obs.negative for name, obs in absmax.items()}
         if method != "minmax":
             hists = {name: _Histogram(amax[name]) for name in quantizers}
             for name, q in quantizers.items():
                 q.observer = hists[name]
-            _run(model, inputs, batch_size, device)
+            run_model(model, inputs, batch_size, device)
             for name, q in quantizers.items():
                 amax[name] = (
                     percentile_amax(hists[name], percentile)
@@ -120,6 +119,5 @@ def calibrate_activations(
         set_float(model, False)
     for name, q in quantizers.items():
         q.set_amax(amax[name], unsigned=unsigned[name])
-    if isinstance(model, fx.GraphModule):
-        snap_biases(model)
+    snap_biases(model)
     return amax

@@ -16,14 +16,14 @@ import copy
 import inspect
 import operator
 from fnmatch import fnmatch
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from compress.errors import BadInput
-from compress.quant.modules import LAYER_TYPES, ActQuant, QuantLayer
+from compress.quant.modules import LAYER_TYPES, ActQuant, QuantEmbedding, QuantLayer
 
 PLAN_FORMAT = "compress.quant/1"
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -110,9 +110,19 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule `name` (dotted path) of `model` with `module`."""
     parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def swap_embeddings(model: nn.Module, names: list[str], *, with_weights: bool) -> None:
+    """The named Embeddings replaced by int8 tables (QuantEmbedding); without weights: structure only."""
+    for name in names:
+        table = QuantEmbedding(model.get_submodule(name), 8)
+        if not with_weights:
+            table.drop_float_weight()
+        set_module(model, name, table)
 
 
 # --- BN folding ----------------------------------------------------------------------------------------
@@ -152,7 +162,7 @@ def _remove_bn_nodes(gm: fx.GraphModule, pairs: dict[str, str]) -> None:
         if node.op == "call_module" and node.target in folded:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            _set_module(gm, str(node.target), nn.Identity())
+            set_module(gm, str(node.target), nn.Identity())
 
 
 # --- planning --------------------------------------------------------------------------------------------
@@ -183,6 +193,9 @@ def following_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+Placement = Literal["auto", "graph", "modules"]
+
+
 def make_plan(
     model: nn.Module,
     *,
@@ -193,8 +206,10 @@ def make_plan(
     first_last_8bit: bool,
     residual: str = "skip",
     example: Any = None,
+    placement: Placement = "auto",
+    embeddings: bool = False,
 ) -> dict[str, Any]:
-    """Decide everything (on a throwaway trace) and return it as plain data.
+    """Decide everything (on a throwaway trace or run) and return it as plain data.
 
     example: a batch of the data's samples (`StageContext.example`); forward parameters it does not fill
     are traced at their defaults, and the plan records which it fills (resume traces the same graph).
@@ -202,12 +217,49 @@ def make_plan(
     residual: which operands of a residual add get a quantizer: `skip` (TensorRT's placement: the operand
     not fused into the layer) or `both` (also the layer's output, so ONNX Runtime finds DQ -> Conv -> Q
     and DQ -> Add -> Q everywhere and runs every conv and add on integers).
+
+    placement: `graph` traces the model with torch.fx (BN folding, residual quantizers); `modules` swaps
+    layers for ones carrying their own quantizers (compress/quant/swap.py: any model that runs); `auto`
+    traces and falls back to modules when tracing fails, recording why in the plan (`placement_reason`).
+    embeddings: also store every Embedding table as int8 rows (weight-only).
     """
     inputs = given_inputs(model, example) if example is not None else None
-    gm = trace(model, inputs)
-    pairs = foldable_pairs(gm)
-    _remove_bn_nodes(gm, pairs)
-    names = [str(n.target) for n in layer_nodes(gm)]
+    reason = "requested"
+    if placement != "modules":
+        try:
+            gm = trace(model, inputs)
+        except BadInput as exc:
+            if placement == "graph":
+                raise
+            reason = f"torch.fx tracing failed: {exc}"
+        else:
+            return _graph_plan(gm, inputs, weight_bits, activation_bits, layer_bits, skip, first_last_8bit, residual,
+                               embeddings)
+    from compress.quant.swap import plan_modules
+
+    found = plan_modules(model, example, activation_bits=activation_bits, embeddings=embeddings)
+    bits = _layer_bits(found["layers"], weight_bits, layer_bits, skip, first_last_8bit)
+    return {
+        "format": PLAN_FORMAT,
+        "placement": "modules",
+        "placement_reason": reason,
+        "folded": {},
+        "bits": bits,
+        "float_layers": [n for n in found["layers"] if n not in bits],
+        "activation_bits": activation_bits,
+        "activations": [],
+        "matmuls": found["matmuls"],
+        "embeddings": found["embeddings"],
+        "transposed": [n for n in found["transposed"] if n in bits],
+        "attention": found["attention"],
+        **({"inputs": inputs} if inputs is not None else {}),
+    }
+
+
+def _layer_bits(
+    names: list[str], weight_bits: int, layer_bits: dict[str, int], skip: list[str], first_last_8bit: bool
+) -> dict[str, int]:
+    """Bits per quantized layer (in `names`' order), after checking that every pattern matches a layer."""
     for field, patterns in (("layer_bits", list(layer_bits)), ("skip", skip)):
         for pattern in patterns:
             if not any(fnmatch(name, pattern) for name in names):
@@ -225,14 +277,35 @@ def make_plan(
                 chosen = value
                 break
         bits[name] = chosen
-    activations = _place_activation_quantizers(gm, set(quantized), residual) if activation_bits else []
+    return bits
+
+
+def _graph_plan(
+    gm: fx.GraphModule,
+    inputs: list[str] | None,
+    weight_bits: int,
+    activation_bits: int | None,
+    layer_bits: dict[str, int],
+    skip: list[str],
+    first_last_8bit: bool,
+    residual: str,
+    embeddings: bool,
+) -> dict[str, Any]:
+    pairs = foldable_pairs(gm)
+    _remove_bn_nodes(gm, pairs)
+    names = [str(n.target) for n in layer_nodes(gm)]
+    bits = _layer_bits(names, weight_bits, layer_bits, skip, first_last_8bit)
+    activations = _place_activation_quantizers(gm, set(bits), residual) if activation_bits else []
+    tables = [str(n.target) for n in gm.graph.nodes if isinstance(_module(gm, n), nn.Embedding)] if embeddings else []
     return {
         "format": PLAN_FORMAT,
+        "placement": "graph",
         "folded": pairs,
         "bits": bits,
         "float_layers": [n for n in names if n not in bits],
         "activation_bits": activation_bits,
         "activations": activations,
+        "embeddings": tables,
         **({"inputs": inputs} if inputs is not None else {}),
     }
 
@@ -302,6 +375,10 @@ def build(model: nn.Module, plan: dict[str, Any], *, with_weights: bool = True) 
     """
     if plan.get("format") != PLAN_FORMAT:
         raise ValueError(f"not a quantization plan (format {plan.get('format')!r})")
+    if plan.get("placement") == "modules":
+        from compress.quant.swap import build_modules
+
+        return build_modules(model, plan, with_weights=with_weights)
     model = copy.deepcopy(model)  # fx shares submodules with the traced root: never fold the caller's
     gm = trace(model, plan.get("inputs"))
     for layer_name, bn_name in plan["folded"].items():
@@ -315,7 +392,8 @@ def build(model: nn.Module, plan: dict[str, Any], *, with_weights: bool = True) 
         wrapped = QuantLayer(gm.get_submodule(name), bits)
         if not with_weights:
             wrapped.drop_float_weight()
-        _set_module(gm, name, wrapped)
+        set_module(gm, name, wrapped)
+    swap_embeddings(gm, plan.get("embeddings", []), with_weights=with_weights)
     if plan["activations"]:
         nodes = {n.name: n for n in gm.graph.nodes}
         gm.add_module(ACT_MODULE, nn.ModuleDict())
@@ -332,8 +410,22 @@ def build(model: nn.Module, plan: dict[str, Any], *, with_weights: bool = True) 
     return gm.to(device)
 
 
+def _input_quantizers(model: nn.Module) -> list[tuple[QuantLayer, ActQuant]]:
+    """Each quantized layer with the quantizer of its input: its own (module placement) or the graph
+    node feeding it (graph placement)."""
+    pairs = [(m, m.input_quant) for m in model.modules() if isinstance(m, QuantLayer) and m.input_quant is not None]
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            layer = _module(model, node)
+            source = node.args[0] if isinstance(layer, QuantLayer) and node.args else None
+            quantizer = _module(model, source) if isinstance(source, fx.Node) else None
+            if isinstance(quantizer, ActQuant):
+                pairs.append((layer, quantizer))
+    return pairs
+
+
 @torch.no_grad()
-def snap_biases(gm: fx.GraphModule) -> None:
+def snap_biases(model: nn.Module) -> None:
     """Each quantized layer's bias rounded onto the int32 grid of (its input quantizer's scale) x (its
     weight scale per channel): the bias the integer layer runs with.
 
@@ -344,21 +436,27 @@ def snap_biases(gm: fx.GraphModule) -> None:
     the rounding moved biases by up to 0.025 and ONNX Runtime's top-1 agreed with torch on 0.795 only.
     Rounded here, torch and every runtime compute with the same bias.
     """
-    for node in gm.graph.nodes:
-        layer = _module(gm, node)
-        if not isinstance(layer, QuantLayer) or layer.bias is None or not node.args:
-            continue
-        source = node.args[0]
-        quantizer = _module(gm, source) if isinstance(source, fx.Node) else None
-        if not isinstance(quantizer, ActQuant):
+    for layer, quantizer in _input_quantizers(model):
+        if layer.bias is None:
             continue
         scale = quantizer.scale.float() * layer.weight_scale.float()
         steps = torch.clamp(torch.round(layer.bias.float() / scale), -(2**31), 2**31 - 1)
         layer.bias.copy_((steps * scale).to(layer.bias.dtype))
 
 
+def oriented_masks(plan: dict[str, Any], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pruning masks (keyed `layer.weight`) shaped like the quantized layers' weights: a transformers
+    Conv1D stores its weight [in, out], its QuantLayer [out, in] as a Linear does."""
+    transposed = {f"{name}.weight" for name in plan.get("transposed", [])}
+    return {key: mask.t() if key in transposed else mask for key, mask in masks.items()}
+
+
 def quant_layers(gm: nn.Module) -> dict[str, QuantLayer]:
     return {name: m for name, m in gm.named_modules() if isinstance(m, QuantLayer)}
+
+
+def quant_embeddings(model: nn.Module) -> dict[str, QuantEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
 
 
 def act_quantizers(gm: nn.Module) -> dict[str, ActQuant]:
@@ -368,7 +466,7 @@ def act_quantizers(gm: nn.Module) -> dict[str, ActQuant]:
 def set_float(gm: nn.Module, on: bool) -> None:
     """Float mode (float weights, no activation quantization): the folded float model AdaRound targets."""
     for module in gm.modules():
-        if isinstance(module, QuantLayer):
+        if isinstance(module, (QuantLayer, QuantEmbedding)):
             module.use_float = on
         elif isinstance(module, ActQuant):
             module.mode = "float" if on else "quant"

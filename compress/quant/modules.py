@@ -4,13 +4,20 @@
   scale: ONNX QuantizeLinear then DequantizeLinear, bit for bit; it exports to that pair. The zero point
   is 0 (symmetric, TensorRT's form) or the grid's minimum (unsigned_symmetric: a tensor calibration found
   nonnegative uses all 256 levels on [0, amax], as AIMET's unsigned symmetric quantizers do).
-- QuantLayer: a Conv1d/2d/3d or Linear whose weight is int8 integers times a per-channel scale. The
-  weight goes through fake_quantize_per_channel_affine, which returns the same values (they are on the
-  grid already) and makes the export carry per-channel weight Q/DQ with axis 0, as TensorRT wants.
+- QuantLayer: a Conv1d/2d/3d or Linear (or transformers' Conv1D, GPT-2's Linear with its weight stored
+  transposed) whose weight is int8 integers times a per-channel scale. The weight goes through
+  fake_quantize_per_channel_affine, which returns the same values (they are on the grid already) and
+  makes the export carry per-channel weight Q/DQ with axis 0, as TensorRT wants. Placed by module swap
+  (compress/quant/swap.py) it carries its own input quantizer (`input_quant`); placed in a traced graph
+  the quantizers are graph nodes instead and `input_quant` is None.
+- QuantEmbedding: an Embedding whose table is int8 rows times a per-row scale; the export carries the
+  table as int8 through a DequantizeLinear (axis 0) into the Gather.
 """
 from __future__ import annotations
 
 from typing import Literal
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -92,18 +99,39 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, scale={float(self.scale):.6g}" + (", unsigned" if self.unsigned else "")
 
 
+def conv1d_type() -> type | None:
+    """transformers' Conv1D (GPT-2's projections: y = x @ W + b, W stored [in, out]), if transformers is
+    loaded (a model using it has imported it; compress itself never imports transformers)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_quantizable_layer(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return isinstance(module, LAYER_TYPES) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _per_row(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 class QuantLayer(nn.Module):
     """A Conv/Linear with integer weights. The float (BN-folded) weight is kept only while the pass runs,
     as a non-persistent buffer, so AdaRound can compute targets; the checkpoint holds integers and scales."""
 
     def __init__(self, layer: nn.Module, bits: int) -> None:
         super().__init__()
-        if not isinstance(layer, LAYER_TYPES):
+        if not is_quantizable_layer(layer):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
-        self.kind = type(layer).__name__
+        transposed = not isinstance(layer, LAYER_TYPES)  # Conv1D: a Linear whose weight is stored [in, out]
+        self.kind = "Linear" if transposed else type(layer).__name__
         self.bits = bits
-        weight = layer.weight.detach()
-        if isinstance(layer, nn.Linear):
+        weight = layer.weight.detach().t() if transposed else layer.weight.detach()
+        self.input_quant: ActQuant | None = None  # module placement: the quantizer of this layer's input
+        # SmoothQuant (compress/quant/smooth.py): the input's channels times these before its quantizer,
+        # the weight's input columns divided by them (float_weight holds the smoothed weight)
+        self.register_buffer("input_smooth", None)
+        if transposed or isinstance(layer, nn.Linear):
             self.conv_args: dict = {}
         else:
             if layer.padding_mode != "zeros":
@@ -128,7 +156,13 @@ class QuantLayer(nn.Module):
         """The weight this layer computes with: integers times scales (read-only view for reports)."""
         if self.use_float:
             return self.float_weight
-        return self.weight_int.float() * self.weight_scale.view(-1, *([1] * (self.weight_int.dim() - 1)))
+        return self.weight_int.float() * _per_row(self.weight_scale, self.weight_int)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """The input as the weights see it: through this layer's own input quantizer, where it has one."""
+        if self.input_smooth is not None:
+            x = x * self.input_smooth
+        return self.input_quant(x) if self.input_quant is not None else x
 
     def functional(self, x: Tensor, weight: Tensor) -> Tensor:
         if self.kind == "Linear":
@@ -137,6 +171,7 @@ class QuantLayer(nn.Module):
         return conv(x, weight, self.bias, **self.conv_args)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.quantized_input(x)
         if self.use_float:
             return self.functional(x, self.float_weight)
         scale = self.weight_scale
@@ -156,3 +191,43 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}, weight={tuple(self.weight_int.shape)}"
+
+
+class QuantEmbedding(nn.Module):
+    """An Embedding table stored as int8 rows times one scale per row (symmetric, zero point 0).
+
+    Only the table is quantized (weight-only): the rows looked up are the dequantized values, so the
+    tensors after the lookup stay float. The export carries the table as int8 through a DequantizeLinear
+    (axis 0) into the Gather."""
+
+    def __init__(self, embedding: nn.Embedding, bits: int = 8) -> None:
+        super().__init__()
+        if embedding.max_norm is not None or embedding.sparse:
+            raise TypeError("embeddings with max_norm or sparse gradients are not supported")
+        weight = embedding.weight.detach()
+        self.bits = bits
+        self.padding_idx = embedding.padding_idx
+        self.register_buffer("weight_int", torch.zeros(weight.shape, dtype=torch.int8, device=weight.device))
+        self.register_buffer("weight_scale", torch.ones(weight.shape[0], device=weight.device))
+        self.register_buffer("float_weight", weight.clone().float(), persistent=False)
+        self.use_float = False
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_int.float() * _per_row(self.weight_scale, self.weight_int)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.use_float:
+            return F.embedding(ids, self.float_weight, self.padding_idx)
+        scale = self.weight_scale
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        qmax = 2 ** (self.bits - 1) - 1
+        table = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -qmax - 1, qmax)
+        return F.embedding(ids, table, self.padding_idx)
+
+    def drop_float_weight(self) -> None:
+        self.float_weight = torch.empty(0, device=self.weight_int.device)
+        self.use_float = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, table={tuple(self.weight_int.shape)}"
