@@ -5,6 +5,8 @@ against the float model's outputs (the `cosine` metric)."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,14 +16,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from compress.batches import call_model, flat_outputs
-from compress.data import DataSplits
-from compress.metrics import cosine, resolve_metric
+from compress.metrics import cosine
 from compress.passes.quantize_adaround import AdaroundConfig, QuantizeConfig, quantize_adaround, quantize_rtn
-from compress.progress import RunProgress
 from compress.quant import is_quantized, restore
 from compress.quant.graph import act_quantizers, quant_layers
-from compress.state import ModelState, StageContext
+from compress.state import ModelState
 from compress.train import predict, recalibrate_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_helpers import cosine_context  # noqa: E402
 
 
 class SSDLiteHead(nn.Module):
@@ -73,30 +76,6 @@ class DictSamples(Dataset):
         return (sample,)
 
 
-def _context(model: nn.Module, dataset: Dataset) -> StageContext:
-    """A CPU context over unlabelled data whose metric is the cosine against the float model's outputs."""
-    splits = DataSplits(dataset, dataset, dataset, num_classes=None, input_shape=None, name="random")
-    metric = resolve_metric("cosine")
-    reference, _ = predict(model, dataset)
-
-    def score_and_outputs(m: nn.Module) -> tuple[float, Any]:
-        outputs, _ = predict(m, dataset)
-        return metric(outputs, None, reference), outputs
-
-    return StageContext(
-        data=splits,
-        device=torch.device("cpu"),
-        seed=0,
-        batch_size=8,
-        progress=RunProgress(quiet=True),
-        evaluate=lambda m: score_and_outputs(m)[0],
-        stage_name="quantize",
-        calibration_samples=16,
-        metric=metric,
-        score_and_outputs=score_and_outputs,
-    )
-
-
 def _images(shape: tuple[int, ...], count: int = 16) -> TensorDataset:
     return TensorDataset(torch.randn(count, *shape, generator=torch.Generator().manual_seed(0)))
 
@@ -121,7 +100,7 @@ def _deeplab() -> nn.Module:
 def _quantize(model: nn.Module, dataset: Dataset, method: str, residual: str, bits: int = 8) -> Any:
     """The pass's result (state: the quantized model and its plan; info: the stage's entry)."""
     model = model.eval()
-    ctx = _context(model, dataset)
+    ctx = cosine_context(model, dataset)
     # min-max weight ranges: the MSE search costs seconds per model and is tested elsewhere
     common = {"weight_bits": bits, "activation_bits": 8, "residual_quantizers": residual, "weight_range": "minmax"}
     if method == "rtn":
@@ -219,7 +198,7 @@ def test_auto_bits_on_unlabelled_data_ranks_by_noise_to_signal() -> None:
     model = TokenModel().eval()
     data = TensorDataset(torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0)))
     cfg = QuantizeConfig(weight_bits="auto", budget={"average_bits": 5}, bits_choices=[4, 8])
-    result = quantize_rtn(ModelState(copy.deepcopy(model)), cfg, _context(model, data))
+    result = quantize_rtn(ModelState(copy.deepcopy(model)), cfg, cosine_context(model, data))
     auto = result.info["auto_bits"]
     assert auto["divergence"] == "noise_to_signal"
     assert auto["average_bits"] <= 5 and set(result.info["bits"].values()) <= {4, 8}
