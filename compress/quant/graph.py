@@ -223,13 +223,18 @@ def make_plan(
     traces and falls back to modules when tracing fails, recording why in the plan (`placement_reason`).
     embeddings: also store every Embedding table as int8 rows (weight-only).
     """
+    from compress.attention import UnsupportedLayer, unsupported_attention
+
+    opaque = unsupported_attention(model)  # attention no placement can quantize: refused, never left float
+    if opaque is not None:
+        raise UnsupportedLayer(opaque.path, opaque.kind, f"quantization: {opaque.reason}")
     inputs = given_inputs(model, example) if example is not None else None
     reason = "requested"
     if placement != "modules":
         try:
             gm = trace(model, inputs)
         except BadInput as exc:
-            if placement == "graph":
+            if placement == "graph" or example is None:  # module placement runs the model on a sample
                 raise
             reason = f"torch.fx tracing failed: {exc}"
         else:
