@@ -192,7 +192,9 @@ def ort_files(
             )  # fmt: skip
 
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # the histogram calibrators print progress
+            # the histogram calibrators print progress; a failing one leaves its augmented model's external
+            # data (90 MB, named by a uuid) in the working directory: let that be the temporary one
+            with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(work):
                 seconds = timed(make)
         except Exception as exc:  # a calibrator that fails on this graph is a finding, not the end of the bench
             notes.append(f"{name}: failed: {type(exc).__name__}: {exc}")
