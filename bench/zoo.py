@@ -1,7 +1,9 @@
 """Model zoo: the whole pipeline on the models people deploy, one row per model (compress.zoo).
 
 For each of issue 10's twelve models (torchvision classifiers and transformers with random weights at
-32-64 px, and a plain nn.TransformerEncoder classifier): channel pruning (Torch-Pruning; attention heads
+32-64 px, and a plain nn.TransformerEncoder classifier) and issue 19's two `transformers` models from small
+configs (hf_vit: ViTForImageClassification; gpt2: GPT2LMHeadModel on random token ids, agreement of the
+next token per position): channel pruning (Torch-Pruning; attention heads
 as whole groups) and its checkpoint reload, unstructured pruning, a short distill.dot, a short
 quantize.adaround (W7A8, see compress.zoo.Settings), the Q/DQ export turned into int8-trt ONNX, the
 TensorRT Q/DQ lint, and ONNX Runtime against the torch quantized model on random inputs.
@@ -12,7 +14,7 @@ bytes / fp32 ONNX bytes of the unpruned model), latency (int8-trt / fp32 ONNX Ru
 thread), heads (attention heads before -> after pruning). Failed steps are listed below the table with
 the module and the reason.
 
-    python bench/zoo.py                     # all twelve (about 10-15 minutes on 2 busy cores)
+    python bench/zoo.py                     # all fourteen (about 10-15 minutes on 2 busy cores)
     python bench/zoo.py vit_b_16 swin_t     # some of them
     python bench/zoo.py --json out.json     # also write every step's details
     python bench/zoo.py --seconds 600       # start no new model after 10 minutes (the table shows what ran)

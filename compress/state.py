@@ -93,9 +93,11 @@ class StageContext:
 
     @classmethod
     def standalone(
-        cls, data: DataSplits, *, seed: int = 0, batch_size: int = 128, name: str = "stage"
+        cls, data: DataSplits, *, seed: int = 0, batch_size: int = 128, name: str = "stage", output: str | None = None
     ) -> StageContext:
-        """A context outside a run (benchmarks, tests calling a pass): CPU, quiet, validation top-1."""
+        """A context outside a run (benchmarks, tests calling a pass): CPU, quiet, validation top-1 of the
+        outputs `output` names (model.output: a ModelOutput's 'logits'; None: the outputs as they are)."""
+        from compress.batches import selected
         from compress.metrics import resolve_metric
         from compress.progress import RunProgress
         from compress.train import predict
@@ -104,7 +106,8 @@ class StageContext:
 
         def score_and_outputs(model: nn.Module) -> tuple[float, Any]:
             outputs, targets = predict(model, data.val)
-            return top1(outputs, targets), outputs
+            chosen = selected(outputs, output)
+            return top1(chosen, targets), chosen
 
         return cls(
             data=data,
@@ -115,5 +118,6 @@ class StageContext:
             evaluate=lambda model: score_and_outputs(model)[0],
             stage_name=name,
             metric=top1,
+            output=output,
             score_and_outputs=score_and_outputs,
         )

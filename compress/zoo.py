@@ -1,17 +1,22 @@
 """The whole pipeline on one model, step by step, each step's outcome recorded: the model zoo matrix.
 
-Steps (each on the previous step's model, through the registered passes, on random images in classes,
-see random_data):
+Steps (each on the previous step's model, through the registered passes, on random images in classes or
+random token sequences, see random_data):
   build      the model (compress.models.build_model: attention made explicit), random weights
   prune-ch   prune.magnitude granularity channels (Torch-Pruning; attention heads as whole groups),
              then the stage checkpoint reloads into a freshly built model with identical outputs
   prune-un   prune.magnitude unstructured on top (masks held from here on)
   distill    a short distill.dot from the unpruned model
-  quantize   the output layer refitted to the pruned model's features (class_head), then a short
-             quantize.adaround (W7A8, see Settings); the stage checkpoint reloads exactly
+  quantize   an image classifier's output layer refitted to the pruned model's features (class_head),
+             then a short quantize.adaround (W7A8, see Settings); the stage checkpoint reloads exactly
   export     the quantized model's Q/DQ ONNX (export.onnx_export), turned into int8-trt (export.qdq)
   lint       export.lint.lint_onnx finds nothing
   parity     ONNX Runtime on the int8 file against the torch quantized model: top-1 agreement >= 0.99
+             (of the class per image, or of the next token per position of a language model)
+
+A row names its samples (images of a size, or token ids of a length from a vocabulary) and the output
+the metrics read (ZooModel.output: `logits` of a transformers ModelOutput), so Hugging Face models built
+from small configs (hf_vit, gpt2) run the same steps as the torchvision ones.
 
 A step that raises is recorded with its error (compress.attention.UnsupportedLayer and the passes name
 the module and the reason), and the steps that need its result are skipped. `bench/zoo.py` prints the
@@ -27,16 +32,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from compress.attention import attention_modules
+from compress.batches import Nested, call_model, selected
+from compress.channels import head_counts
 from compress.data import DataSplits
 from compress.models import build_model
 from compress.passes.registry import get_pass
+from compress.quant.graph import oriented_masks
 from compress.recipe import ModelConfig
 from compress.sparsity import output_layer_name
 from compress.state import ModelState, StageContext
@@ -50,8 +57,12 @@ MIN_AGREEMENT = 0.99
 class ZooModel:
     name: str
     arch: str
-    size: int = 32
+    size: int = 32  # images: height and width
     kwargs: dict[str, Any] = field(default_factory=dict)
+    sample: Literal["image", "tokens"] = "image"  # what the model takes: [3, size, size] or `length` ids
+    length: int = 16  # tokens: ids per sequence
+    vocab: int = 0  # tokens: ids drawn from [0, vocab)
+    output: str | None = None  # model.output: the part of the outputs the metrics read (None: all, one tensor)
 
 
 # The issue's list: torchvision classifiers with random weights at small inputs, and a plain
@@ -69,6 +80,9 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("vit_b_16", "torchvision:vit_b_16", kwargs={"image_size": 32}),
     ZooModel("swin_t", "torchvision:swin_t", size=64),
     ZooModel("transformer", "builtin:transformer"),
+    # transformers' own classes, unmodified, from small configs (issue 19)
+    ZooModel("hf_vit", "python:compress.zoo:hf_vit", kwargs={"num_classes": 10}, output="logits"),
+    ZooModel("gpt2", "python:compress.zoo:gpt2", sample="tokens", length=16, vocab=128, output="logits"),
 )
 
 
@@ -91,10 +105,39 @@ def tiny_swin(num_classes: int = 10) -> nn.Module:
     )
 
 
+def hf_vit(num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """transformers' ViTForImageClassification, random weights: pixel_values in, a ModelOutput's logits out."""
+    import transformers
+
+    config = transformers.ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=num_classes,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def gpt2(vocab_size: int = 128, positions: int = 32) -> nn.Module:
+    """transformers' GPT2LMHeadModel, random weights: token ids in, logits [B, L, vocab] out (Conv1D layers,
+    causal attention, lm_head tied to the word embedding).
+
+    use_cache stays True, as from_pretrained gives it (the key/value cache is no tensor: the metrics read
+    `logits`, the ONNX file has that one output). With use_cache=False and no attention mask, transformers
+    looks for packed sequences in the position ids with torch.diff, which the ONNX export cannot convert
+    ("Exporting the operator 'aten::diff' to ONNX opset version 17 is not supported").
+    """
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=positions, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 TINY: tuple[ZooModel, ...] = (
     ZooModel("tiny_vit", "python:compress.zoo:tiny_vit", kwargs={"num_classes": 10}),
     ZooModel("tiny_swin", "python:compress.zoo:tiny_swin", kwargs={"num_classes": 10}),
     ZooModel("transformer", "builtin:transformer"),
+    *(z for z in ZOO if z.name in ("hf_vit",)),  # already small
 )
 
 
@@ -156,7 +199,8 @@ def prototypes(zoo: ZooModel, settings: Settings) -> torch.Tensor:
 
 
 def random_data(zoo: ZooModel, settings: Settings) -> DataSplits:
-    """Random images in classes: each sample its class's prototype plus noise (settings.class_noise).
+    """Random images in classes: each sample its class's prototype plus noise (settings.class_noise); for a
+    model of token ids, random sequences with the next token of each position as its target.
 
     Not i.i.d. noise: on such inputs a random network's features are isotropic (vit_b_16: the top ten
     principal spreads of the 768 head features within 4.3-3.4), so no 10-way head has top-1 margins
@@ -166,6 +210,8 @@ def random_data(zoo: ZooModel, settings: Settings) -> DataSplits:
     gives a trained model, and the head (class_head) reads it.
     """
     generator = torch.Generator().manual_seed(settings.seed)
+    if zoo.sample == "tokens":
+        return _random_tokens(zoo, settings, generator)
     centres = prototypes(zoo, settings)
 
     def split(n: int) -> TensorDataset:
@@ -183,17 +229,41 @@ def random_data(zoo: ZooModel, settings: Settings) -> DataSplits:
     )
 
 
+def _random_tokens(zoo: ZooModel, settings: Settings, generator: torch.Generator) -> DataSplits:
+    """Sequences of `zoo.length` ids uniform in [0, vocab), each position's target the id after it (a language
+    model's task; the metrics read the class scores on the last axis of [N, L, vocab])."""
+    if zoo.vocab < 2:
+        raise ValueError(f"zoo model {zoo.name}: token samples need a vocab of at least 2, got {zoo.vocab}")
+
+    def split(n: int) -> TensorDataset:
+        ids = torch.randint(0, zoo.vocab, (n, zoo.length + 1), generator=generator)
+        return TensorDataset(ids[:, :-1], ids[:, 1:])
+
+    return DataSplits(
+        split(settings.train_samples),
+        split(settings.val_samples),
+        split(settings.parity_samples),
+        None,
+        None,
+        f"random-tokens-{zoo.length}x{zoo.vocab}",
+        targets="other",
+        split="random",
+    )
+
+
 def build(zoo: ZooModel, settings: Settings, data: DataSplits | None = None) -> nn.Module:
     """The model with random weights; with `data`, BatchNorm statistics measured on its training inputs
-    and its output layer set by class_head (principal_head where class_head cannot fit it)."""
+    and an image classifier's output layer set by class_head (principal_head where class_head cannot fit
+    it). A language model's head stays as built (GPT-2's is the word embedding, tied)."""
     torch.manual_seed(settings.seed)
+    images = zoo.sample == "image"
     model = build_model(
         ModelConfig(arch=zoo.arch, kwargs=zoo.kwargs),
-        in_channels=3,
-        num_classes=settings.num_classes,
-        input_size=zoo.size,
+        in_channels=3 if images else None,
+        num_classes=settings.num_classes if images else None,
+        input_size=zoo.size if images else None,
     ).eval()
-    if data is not None:
+    if data is not None and images:
         inputs = data.train.tensors[0]
         batchnorm_statistics(model, inputs)
         if not class_head(model, prototypes(zoo, settings)):
@@ -300,7 +370,13 @@ def run_pass(name: str, state: ModelState, params: dict[str, Any], ctx: StageCon
     return result.info
 
 
-def reload_check(state: ModelState, fresh: Callable[[], nn.Module], example: torch.Tensor) -> float:
+def outputs(zoo: ZooModel, model: nn.Module, inputs: Nested) -> torch.Tensor:
+    """What the metrics read of the model's outputs on `inputs` (zoo.output of a ModelOutput), in eval mode."""
+    with torch.no_grad():
+        return selected(call_model(model.eval(), inputs), zoo.output)
+
+
+def reload_check(zoo: ZooModel, state: ModelState, fresh: Callable[[], nn.Module], example: Nested) -> float:
     """The stage checkpoint, through torch.save/load(weights_only=True), into a freshly built model:
     returns the largest output difference (0 for an exact reload)."""
     buffer = io.BytesIO()
@@ -308,12 +384,7 @@ def reload_check(state: ModelState, fresh: Callable[[], nn.Module], example: tor
     buffer.seek(0)
     payload = torch.load(buffer, weights_only=True)
     loaded = ModelState.from_checkpoint(fresh(), payload)
-    with torch.no_grad():
-        return float((loaded.model.eval()(example) - state.model.eval()(example)).abs().max())
-
-
-def _heads(model: nn.Module) -> dict[str, int]:
-    return {name: m.num_heads for name, m in attention_modules(model).items()}
+    return float((outputs(zoo, loaded.model, example) - outputs(zoo, state.model, example)).abs().max())
 
 
 def run_zoo_model(
@@ -322,7 +393,7 @@ def run_zoo_model(
     """Every step of the pipeline on `zoo`; never raises for a step's failure unless stop_on_error."""
     from export.lint import lint_onnx
     from export.onnx_export import export_onnx
-    from export.ort_runner import file_size, measure_latency, ort_session, parity, predict
+    from export.ort_runner import class_axis, file_size, measure_latency, ort_session, parity, predict
     from export.qdq import convert_to_int8
 
     settings = settings or Settings()
@@ -337,7 +408,9 @@ def run_zoo_model(
     scratch: dict[str, Any] = {}
 
     def ctx(name: str) -> StageContext:
-        context = StageContext.standalone(data, seed=settings.seed, batch_size=settings.batch_size, name=name)
+        context = StageContext.standalone(
+            data, seed=settings.seed, batch_size=settings.batch_size, name=name, output=zoo.output
+        )
         context.calibration_samples = settings.calibration_samples
         context.baseline = scratch.get("baseline")
         return context
@@ -366,7 +439,7 @@ def run_zoo_model(
 
     def do_prune_channels(record: StepResult) -> None:
         state: ModelState = scratch["state"]
-        before = _heads(state.model)
+        before = head_counts(state.model)
         params = {
             "sparsity": settings.channel_sparsity,
             "granularity": "channels",
@@ -374,11 +447,11 @@ def run_zoo_model(
             "measure_dnr": False,
         }
         info = run_pass("prune.magnitude", state, params, ctx("prune-ch"))
-        after = _heads(state.model)
+        after = head_counts(state.model)
         result.heads = {name: [before[name], after[name]] for name in before}
         record.info["macs_ratio"] = info.get("macs_ratio")
         record.info["params_after"] = info.get("params_after")
-        record.info["reload_diff"] = reload_check(state, lambda: build(zoo, settings), example)
+        record.info["reload_diff"] = reload_check(zoo, state, lambda: build(zoo, settings), example)
         if record.info["reload_diff"] > 1e-4:
             raise AssertionError(f"channel-pruned checkpoint reloads with outputs off by {record.info['reload_diff']:.3g}")
 
@@ -394,9 +467,11 @@ def run_zoo_model(
 
     def do_quantize(record: StepResult) -> None:
         state: ModelState = scratch["state"]
-        # the task head of the model that is quantized and exported (class_head: pruning changed its features)
+        # an image classifier's head on the model that is quantized and exported (class_head: pruning changed
+        # its features); a language model's is its word embedding
         with torch.no_grad():
-            record.info["head_refit"] = class_head(state.model.eval(), prototypes(zoo, settings))
+            images = zoo.sample == "image"
+            record.info["head_refit"] = images and class_head(state.model.eval(), prototypes(zoo, settings))
         params = {
             "weight_bits": settings.weight_bits,
             "activation_bits": 8,
@@ -409,11 +484,13 @@ def run_zoo_model(
         info = run_pass("quantize.adaround", state, params, ctx("quantize"))
         record.info["layers"] = len(info["bits"])
         record.info["activation_quantizers"] = info["activation_quantizers"]
-        for name, mask in state.masks.items():  # pruned weights stay exactly zero through quantization
+        # pruned weights stay exactly zero through quantization (masks as the quantized layers hold their
+        # weights: [out, in], where a transformers Conv1D's were [in, out])
+        for name, mask in oriented_masks(state.quant or {}, state.masks).items():
             layer = state.model.get_submodule(name.rpartition(".")[0])
             if hasattr(layer, "weight_int") and bool((layer.weight_int[~mask.bool()] != 0).any()):
                 raise AssertionError(f"{name}: a pruned weight is non-zero after quantization")
-        record.info["reload_diff"] = reload_check(state, lambda: build(zoo, settings), example)
+        record.info["reload_diff"] = reload_check(zoo, state, lambda: build(zoo, settings), example)
         if record.info["reload_diff"] > 1e-5:
             raise AssertionError(f"quantized checkpoint reloads with outputs off by {record.info['reload_diff']:.3g}")
 
@@ -438,11 +515,11 @@ def run_zoo_model(
     def do_parity(record: StepResult) -> None:
         state: ModelState = scratch["state"]
         session = ort_session(scratch["int8"], threads=1)
-        with torch.no_grad():
-            reference = state.model.eval()(eval_x).numpy()
+        reference = outputs(zoo, state.model, eval_x).numpy()
         got = predict(session, eval_x.numpy())
         result.parity = parity(reference, got)
-        classes = len(set(reference.argmax(axis=1).tolist()))
+        # the class per image, the next token per position ([N, L, vocab]: the last axis)
+        classes = len(set(reference.argmax(axis=class_axis(reference.ndim)).flatten().tolist()))
         result.parity["classes_predicted"] = classes
         if classes == 1:
             # one class for every input: agreement would hold for any file, so it proves nothing
@@ -450,10 +527,9 @@ def run_zoo_model(
         if result.parity["top1_agreement"] < MIN_AGREEMENT:
             raise AssertionError(f"top-1 agreement {result.parity['top1_agreement']:.3f} < {MIN_AGREEMENT}")
         if settings.latency_runs and "fp32" in scratch:
-            shape = tuple(eval_x.shape[1:])
             kw = {"batch_sizes": (1,), "warmup": 2, "runs": settings.latency_runs}
-            fp32 = measure_latency(ort_session(scratch["fp32"], threads=1), shape, **kw)["batch1"]
-            int8 = measure_latency(session, shape, **kw)["batch1"]
+            fp32 = measure_latency(ort_session(scratch["fp32"], threads=1), example, **kw)["batch1"]
+            int8 = measure_latency(session, example, **kw)["batch1"]
             assert isinstance(fp32, float) and isinstance(int8, float)
             result.latency_ratio = int8 / fp32
             record.info["latency_ms"] = {"fp32": fp32, "int8-trt": int8}

@@ -1,9 +1,10 @@
 """The model-zoo matrix (compress.zoo): every step of the pipeline on each model, real Torch-Pruning
 and ONNX Runtime, random weights and data.
 
-Default run: the small ViT and Swin (torchvision's own classes) and the nn.TransformerEncoder
-classifier, with minimal settings. The twelve full-size models of issue 10 are marked `zoo` (and slow):
-minutes each on two cores, so `make test` leaves them out; run them with `pytest -m zoo` or bench/zoo.py.
+Default run: the small ViT and Swin (torchvision's own classes), the nn.TransformerEncoder classifier and
+transformers' ViTForImageClassification from a small config (a ModelOutput whose logits the metrics read),
+with minimal settings. The twelve full-size models of issue 10 are marked `zoo` (and slow): minutes each
+on two cores, so `make test` leaves them out; run them with `pytest -m zoo` or bench/zoo.py.
 """
 from __future__ import annotations
 
