@@ -15,8 +15,13 @@ Files, each measured in this one process:
   preprocessing (quant_pre_process). quantize_static runs with its default op types and restricted to
   MatMul + Gather, the ops quantize_dynamic quantizes; a calibrator that fails, or writes the same bytes as
   another, is a note under the table rather than a row;
-- compress's own files (any ONNX file taking input_ids and attention_mask): `--run DIR` adds every int8 file
-  of a compress run (DIR/report.json's export entries), `--file NAME=PATH` one file; from Python,
+- compress's own int8-trt and int8-ort files, each variant run end to end by `compress run` on the same
+  sentences (recipes/minilm-int8.yaml with its data sized like the bench's, so its test split is the bench's
+  held-out split): its W8A8 AdaRound stage, the same at W4A8, and 50% unstructured pruning + a label-free
+  distill.dot from the unpruned model + W8A8 (quick: the W8A8 stage alone at 20 iterations per layer;
+  --no-compress: none); a note keeps each run's torch cosine per stage and its time;
+- more files (any ONNX file taking input_ids and attention_mask): `--run DIR` adds every int8 file of a
+  compress run (DIR/report.json's export entries), `--file NAME=PATH` one file; from Python,
   Comparison.add(row name, onnx path) before Comparison.measure (add_compress_run does that per file).
 Columns: mean (and worst) cosine of each file's embeddings to the fp32 torch model's on the held-out
 sentences, file size in bytes and as a ratio to the fp32 file, latency at batch 1 and 32 (ONNX Runtime CPU,
@@ -30,6 +35,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -130,6 +136,70 @@ def add_compress_run(comparison: Comparison, run_dir: str | Path) -> None:
             comparison.add(f"compress {precision} ({run_dir.name})", run_dir / entry["path"])
 
 
+RECIPE = ROOT / "recipes" / "minilm-int8.yaml"
+
+
+def compress_variants(quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """The stages of compress's rows, each a run of recipes/minilm-int8.yaml with these stages instead of
+    its own: its W8A8 stage as it is, at W4A8, and after 50% unstructured pruning and a label-free
+    distill.dot from the unpruned model (quick: the W8A8 stage alone, 20 AdaRound iterations per layer)."""
+    import yaml
+
+    w8a8 = yaml.safe_load(RECIPE.read_text())["stages"][-1]
+    if quick:
+        w8a8["params"]["iterations"] = 20
+    w4a8 = {**w8a8, "name": "w4a8", "params": {**w8a8["params"], "weight_bits": 4}, "gate": {"min_metric": 0.0}}
+    prune = {"name": "prune", "pass": "prune.magnitude", "params": {"sparsity": 0.5, "granularity": "unstructured"},
+             "gate": {"min_metric": 0.0}}
+    distill = {"name": "distill", "pass": "distill.dot", "params": {"epochs": 1 if quick else 3, "lr": 0.01},
+               "gate": {"min_metric": 0.0}}
+    quantized = {**w8a8, "gate": {"min_metric": 0.0}}
+    if quick:  # the quick mode's minutes go to the headline row
+        return {"W8A8 AdaRound": [w8a8]}
+    return {
+        "W8A8 AdaRound": [w8a8],
+        "W4A8 AdaRound": [w4a8],
+        "50% unstructured + distill.dot + W8A8": [prune, distill, quantized],
+    }
+
+
+def run_compress(
+    comparison: Comparison, work: Path, quick: bool, samples: int, calibration: int, length: int, notes: list[str]
+) -> None:
+    """compress's own rows: each variant run end to end by the CLI on the bench's sentences (the same held-out
+    split: the recipe's test split), its int8 files added; the note keeps its torch model's test cosine."""
+    import subprocess
+
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["data"]["kwargs"] = {"samples": samples, "length": length}
+    recipe["data"]["calibration_samples"] = calibration
+    recipe["data"]["split"] = {"val": 0.15, "test": 0.2, "seed": 0}
+    for name, stages in compress_variants(quick).items():
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        path = work / f"{slug}.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "name": slug, "stages": stages}, sort_keys=False))
+        out = work / slug
+        command = [sys.executable, "-m", "compress.cli", "run", str(path), "--out", str(out), "--no-resume", "--quiet"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "recipes")}
+        print(f"compress: {name} ...", flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            notes.append(f"compress {name}: exit {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
+            continue
+        report = json.loads((out / "report.json").read_text())
+        stages_done = ", ".join(f"{s['name']} {s['metric']:.4f}" for s in report["stages"])
+        notes.append(f"compress {name}: torch model's cosine per stage (validation): {stages_done}; "
+                     f"run {seconds:.0f} s")
+        for precision in ("int8-trt", "int8-ort"):
+            entry = report["export"].get(precision, {})
+            if "path" in entry:
+                comparison.add(f"compress {name} {precision}", out / entry["path"], seconds)
+
+
 def timed(make: Callable[[], Any]) -> float:
     started = time.perf_counter()
     make()
@@ -219,6 +289,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     parser.add_argument("--run", action="append", default=[], help="a compress run directory: add its int8 files")
     parser.add_argument("--file", action="append", default=[], help="NAME=PATH: add one ONNX file as a row")
+    parser.add_argument("--no-compress", action="store_true", help="leave out compress's own runs (peers only)")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.calibration, args.runs, args.rounds = 600, 64, 12, 3
@@ -246,6 +317,8 @@ def main() -> None:
         source = preprocess(fp32, work / "model.fp32.pre.onnx", notes)
         feeds = [_numpy({k: v[i : i + 16] for k, v in calib.items()}) for i in range(0, args.calibration, 16)]
         ort_files(comparison, source, feeds, work, notes)
+        if not args.no_compress:
+            run_compress(comparison, work, args.quick, args.samples, args.calibration, args.length, notes)
         for run_dir in args.run:
             add_compress_run(comparison, run_dir)
         for named in args.file:
