@@ -262,9 +262,7 @@ def ort_files(
             )  # fmt: skip
 
         try:
-            # the histogram calibrators print progress; a failing one leaves its augmented model's external
-            # data (90 MB, named by a uuid) in the working directory: let that be the temporary one
-            with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(work):
+            with contextlib.redirect_stdout(sys.stderr):  # the histogram calibrators print progress
                 seconds = timed(make)
         except Exception as exc:  # a calibrator that fails on this graph is a finding, not the end of the bench
             notes.append(f"{name}: failed: {type(exc).__name__}: {exc}")
@@ -314,9 +312,12 @@ def main() -> None:
         fp32 = work / "model.fp32.onnx"
         seconds = timed(lambda: export_onnx(model, example, fp32, dynamic_axes=SEQUENCE))
         comparison.add("fp32 (compress export_onnx, dynamic sequence axis)", fp32, seconds)
-        source = preprocess(fp32, work / "model.fp32.pre.onnx", notes)
         feeds = [_numpy({k: v[i : i + 16] for k, v in calib.items()}) for i in range(0, args.calibration, 16)]
-        ort_files(comparison, source, feeds, work, notes)
+        # ONNX Runtime's quantization tools write external data (90 MB, named by a uuid) into the working
+        # directory and leave it there when interrupted: let that be the temporary one
+        with contextlib.chdir(work):
+            source = preprocess(fp32, work / "model.fp32.pre.onnx", notes)
+            ort_files(comparison, source, feeds, work, notes)
         if not args.no_compress:
             run_compress(comparison, work, args.quick, args.samples, args.calibration, args.length, notes)
         for run_dir in args.run:
