@@ -366,7 +366,8 @@ def attention_modules(model: nn.Module) -> dict[str, HeadAttention]:
 _SEPARATE_QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 _HEAD_COUNTS = ("num_attention_heads", "num_heads")
 _HEAD_SIZES = ("attention_head_size", "head_dim")
-HEAD_COUNT_ATTRIBUTES = (*_HEAD_COUNTS, "all_head_size")
+# what head pruning changes on such a module: BERT's all_head_size, GPT-2's split_size (c_attn's q, k, v widths)
+HEAD_COUNT_ATTRIBUTES = (*_HEAD_COUNTS, "all_head_size", "split_size")
 
 
 @dataclass(eq=False)
@@ -402,8 +403,9 @@ def head_count_attribute(module: nn.Module) -> str | None:
 
 
 def transformers_attention(model: nn.Module) -> dict[str, TransformersHeads]:
-    """Every `transformers` attention module whose heads can be removed whole, by path. One that cannot
-    (GPT-2's packed c_attn, grouped-query k/v, no q/k/v Linear layers) is an UnsupportedLayer naming it."""
+    """Every `transformers` attention module whose heads Torch-Pruning can remove whole, by path. One that
+    cannot (a packed projection, grouped-query k/v, no q/k/v Linear layers) is an UnsupportedLayer naming
+    it; GPT-2's packed Conv1D c_attn never comes here (channels.ChannelPruner: compress.conv1d_channels)."""
     found: dict[str, TransformersHeads] = {}
     for path, module in model.named_modules():
         count = head_count_attribute(module)

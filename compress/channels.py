@@ -25,8 +25,9 @@ from compress.attention import (
     transformers_attention,
 )
 from compress.batches import Nested, call_model
+from compress.conv1d_channels import Conv1DChannelPruner
 from compress.errors import BadInput
-from compress.sparsity import PRUNABLE_TYPES, output_layer_names, transposed_linear_types
+from compress.sparsity import PRUNABLE_TYPES, output_layer_names, prunable_types, transposed_linear_types
 
 
 def count_macs(model: nn.Module, example: Nested) -> tuple[int, int]:
@@ -35,11 +36,23 @@ def count_macs(model: nn.Module, example: Nested) -> tuple[int, int]:
     import torch_pruning as tp
 
     was_training = model.training
-    # with keyword inputs it prints a warning per module (no positional input to count the batch by)
-    with contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(model, example)
+    # Torch-Pruning's counter has no rule for transformers' Conv1D (GPT-2's layers): counted here, one
+    # multiply-add per input feature of every output element
+    conv1d: list[int] = []
+    handles = [
+        module.register_forward_hook(lambda layer, _args, out: conv1d.append(out.numel() * layer.weight.shape[0]))
+        for module in model.modules()
+        if isinstance(module, transposed_linear_types())
+    ]
+    try:
+        # with keyword inputs it prints a warning per module (no positional input to count the batch by)
+        with contextlib.redirect_stdout(io.StringIO()):
+            macs, params = tp.utils.count_ops_and_params(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
     model.train(was_training)
-    return int(macs), int(params)
+    return int(macs) + sum(conv1d), int(params)
 
 
 def _forward(model: nn.Module, example: Nested) -> Any:
@@ -55,6 +68,8 @@ class ChannelPruner:
     feeding them is pruned); the output layers of every head (`classifier`: one name or several; and
     whatever sparsity.output_layer_names finds on `example`) are always kept, since their outputs are the
     model's. `example` is a batch of one sample of any structure (a tensor, a tuple or a dict of them).
+    A model of transformers' Conv1D blocks (GPT-2) is pruned by compress.conv1d_channels instead, with the
+    same ranking rule.
     """
 
     def __init__(
@@ -72,14 +87,23 @@ class ChannelPruner:
         ignored = [
             module
             for name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_TYPES) and (name not in selected or name in kept)
+            if isinstance(module, prunable_types()) and (name not in selected or name in kept)
         ]
+        self.conv1d: Conv1DChannelPruner | None = None
+        if any(isinstance(m, transposed_linear_types()) for m in model.modules()):
+            # GPT-2's Conv1D blocks: heads and MLP channels by slicing (conv1d_channels), no Torch-Pruning graph
+            ignored += _output_layers(model, example)
+            _refuse_layers_beside_conv1d(model, ignored)
+            self.conv1d = Conv1DChannelPruner(
+                model, ratios=ratios, global_ranking=global_ranking, ignored=ignored, round_to=round_to
+            )
+            self.model = model
+            return
         cumulative = [0.0, *ratios]
         # attention: whole heads are the structured groups (Torch-Pruning's num_heads on the packed qkv of
         # compress's explicit attention, on each of q, k, v of a transformers model's)
         self.attention = attention_modules(model)
         self.transformers_attention = transformers_attention(model)
-        _refuse_transposed_linears(model)
         num_heads = {m.qkv: m.num_heads for m in self.attention.values()}
         num_heads |= {layer: m.num_heads for m in self.transformers_attention.values() for layer in m.projections}
         was_training = model.training
@@ -104,6 +128,9 @@ class ChannelPruner:
         self.model = model
 
     def step(self) -> None:
+        if self.conv1d is not None:
+            self.conv1d.step()
+            return
         by_qkv = {m.qkv: m for m in self.attention.values()}
         with torch.enable_grad():
             for group in self.pruner.step(interactive=True):
@@ -131,14 +158,16 @@ class ChannelPruner:
                 raise UnsupportedLayer(path, kind, f"head pruning left {widths} q/k/v features for {expected} heads of {head_dim}")
 
 
-def _refuse_transposed_linears(model: nn.Module) -> None:
-    """transformers' Conv1D (weight [in, out]) has no Torch-Pruning pruner: it would slice the wrong axis."""
+def _refuse_layers_beside_conv1d(model: nn.Module, ignored: list[nn.Module]) -> None:
+    """A model of transformers' Conv1D blocks is pruned without Torch-Pruning's graph (which has no Conv1D
+    pruner): a Conv/Linear layer that would lose channels besides them is refused, named."""
     for path, module in model.named_modules():
-        if isinstance(module, transposed_linear_types()):
+        if isinstance(module, PRUNABLE_TYPES) and module not in ignored:
             raise UnsupportedLayer(
                 path, type(module).__name__,
-                "granularity channels: Torch-Pruning has no pruner for transformers' Conv1D (a Linear with its "
-                "weight stored [in, out]); prune it unstructured or nm",
+                "granularity channels: this model's Conv1D blocks (GPT-2's) are pruned by slicing, not through "
+                "Torch-Pruning's graph, so its other layers cannot lose channels with them; leave it out "
+                "(params.ignore) or prune unstructured or nm",
             )  # fmt: skip
 
 
@@ -313,6 +342,8 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
             counts[name] = module.out_channels
         elif isinstance(module, nn.Linear):
             counts[name] = module.out_features
+        elif isinstance(module, transposed_linear_types()):
+            counts[name] = module.nf
     return counts
 
 

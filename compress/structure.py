@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compress.attention import HEAD_COUNT_ATTRIBUTES, HeadAttention, head_count_attribute
+from compress.sparsity import transposed_linear_types
 
 # The attributes channel pruning changes, per layer type (Torch-Pruning rewrites exactly these).
 SIZE_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
@@ -38,7 +39,9 @@ def structure_record(model: nn.Module) -> dict[str, dict[str, Any]]:
                     if (value := getattr(module, attr, None)) is not None
                 }
                 break
-        if head_count_attribute(module) is not None:  # head pruning (channels.ChannelPruner): BERT's, ViT's head counts
+        if isinstance(module, transposed_linear_types()):  # transformers' Conv1D (GPT-2): its forward reads nf
+            record[name] = {"nf": int(getattr(module, "nf")), "nx": int(getattr(module, "nx"))}
+        if head_count_attribute(module) is not None:  # head pruning (channels.ChannelPruner): BERT's, ViT's, GPT-2's
             record[name] = {attr: value for attr in HEAD_COUNT_ATTRIBUTES if isinstance(value := getattr(module, attr, None), int)}
     return record
 

@@ -3,8 +3,9 @@
 Steps (each on the previous step's model, through the registered passes, on random images in classes or
 random token sequences, see random_data):
   build      the model (compress.models.build_model: attention made explicit), random weights
-  prune-ch   prune.magnitude granularity channels (Torch-Pruning; attention heads as whole groups),
-             then the stage checkpoint reloads into a freshly built model with identical outputs
+  prune-ch   prune.magnitude granularity channels (Torch-Pruning; attention heads as whole groups;
+             GPT-2's Conv1D blocks by compress.conv1d_channels), then the stage checkpoint reloads into a
+             freshly built model with identical outputs
   prune-un   prune.magnitude unstructured on top (masks held from here on)
   distill    a short distill.dot from the unpruned model
   quantize   an image classifier's output layer refitted to the pruned model's features (class_head),
@@ -137,7 +138,7 @@ TINY: tuple[ZooModel, ...] = (
     ZooModel("tiny_vit", "python:compress.zoo:tiny_vit", kwargs={"num_classes": 10}),
     ZooModel("tiny_swin", "python:compress.zoo:tiny_swin", kwargs={"num_classes": 10}),
     ZooModel("transformer", "builtin:transformer"),
-    *(z for z in ZOO if z.name in ("hf_vit",)),  # already small
+    *(z for z in ZOO if z.name in ("hf_vit", "gpt2")),  # already small
 )
 
 

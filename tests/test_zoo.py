@@ -2,8 +2,9 @@
 and ONNX Runtime, random weights and data.
 
 Default run: the small ViT and Swin (torchvision's own classes), the nn.TransformerEncoder classifier and
-transformers' ViTForImageClassification from a small config (a ModelOutput whose logits the metrics read),
-with minimal settings. The twelve full-size models of issue 10 are marked `zoo` (and slow): minutes each
+transformers' ViTForImageClassification and GPT2LMHeadModel from small configs (a ModelOutput whose
+logits the metrics read; GPT-2 on token ids, its heads pruned out of the packed Conv1D c_attn), with
+minimal settings. The twelve full-size models of issue 10 are marked `zoo` (and slow): minutes each
 on two cores, so `make test` leaves them out; run them with `pytest -m zoo` or bench/zoo.py.
 """
 from __future__ import annotations

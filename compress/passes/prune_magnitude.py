@@ -1,9 +1,10 @@
 """prune.magnitude: zero the smallest-magnitude weights (or whole channels), fine-tuning with masks held.
 
 Granularities: unstructured (global or layer-wise), nm (N:M along input channels, for NVIDIA's sparse
-tensor cores) and channels (structured, Torch-Pruning). Schedules: oneshot, gradual (Zhu & Gupta's
-cubic ramp) and iterative (a fixed fraction of what remains per round). `mode: randomized` is the seed
-paper's randomized variant. ALGORITHMS.md section 1 has the facts this follows.
+tensor cores) and channels (structured: Torch-Pruning; GPT-2's Conv1D blocks by compress.conv1d_channels).
+Schedules: oneshot, gradual (Zhu & Gupta's cubic ramp) and iterative (a fixed fraction of what remains per
+round). `mode: randomized` is the seed paper's randomized variant. ALGORITHMS.md section 1 has the facts
+this follows.
 """
 from __future__ import annotations
 

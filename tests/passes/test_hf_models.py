@@ -196,14 +196,112 @@ def test_channels_remove_whole_heads_and_mlp_channels(name: str) -> None:
     assert all(torch.allclose(a, b) for (_, a), (_, b) in zip(leaves(got), leaves(want)))
 
 
-def test_gpt2_channels_are_refused_in_one_line_naming_the_module() -> None:
-    model, ctx = gpt2(4)
+def _kept_columns(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Which of `before`'s columns `after` kept (each column of `after` equals one of them)."""
+    return [int((before - column[:, None]).abs().sum(dim=0).argmin()) for column in after.t()]
+
+
+def _gpt2_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    return [(block.attn, block.mlp) for block in model.transformer.h]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_gpt2_channels_remove_whole_packed_heads_and_mlp_channels(scope: str) -> None:
+    """GPT-2's Conv1D blocks (compress.conv1d_channels): whole heads out of the packed c_attn (the same
+    columns of q, k and v) with c_proj's rows, MLP channels out of c_fc and c_proj, the lowest-ranked ones:
+    the pruned model computes exactly what the original does with those heads' and channels' outputs
+    zeroed, and its checkpoint rebuilds it from a fresh model."""
+    model, ctx = gpt2()
+    original = copy.deepcopy(model)
+    shapes = _shapes(model, ctx)
+    _, info = run_pass(
+        PRUNE, model, ctx, granularity="channels", sparsity=0.5, scope=scope, measure_dnr=False, finetune={"epochs": 0}
+    )  # fmt: skip
+    width, mlp_width = HEADS * HEAD_DIM, 4 * HEADS * HEAD_DIM
+    paths = [f"transformer.h.{i}.attn" for i in range(2)]
+    if scope == "layer":
+        assert info["heads"] == {path: [HEADS, HEADS // 2] for path in paths}
+        assert {n: c for n, c in info["channels"].items() if n.endswith("c_fc")} == {
+            f"transformer.h.{i}.mlp.c_fc": [mlp_width, mlp_width // 2] for i in range(2)
+        }
+    else:  # half of all heads, half of all MLP channels wherever they rank lowest, each block's rounded down to 8
+        assert sum(after for _, after in info["heads"].values()) == HEADS  # of 2 x 4
+        widths = [c[1] for n, c in info["channels"].items() if n.endswith("c_fc")]
+        assert all(k % 8 == 0 for k in widths) and mlp_width - 2 * 8 < sum(widths) <= mlp_width
+    assert info["macs_ratio"] > 1.2  # Conv1D MACs counted (Torch-Pruning's counter has no rule for them)
+    zeroed = copy.deepcopy(original).requires_grad_(False)
+    original.requires_grad_(False)
+    for (attn, mlp), (old_attn, old_mlp), (z_attn, z_mlp) in zip(*map(_gpt2_blocks, (model, original, zeroed))):
+        kept = _kept_columns(old_attn.c_attn.weight, attn.c_attn.weight)
+        heads = sorted({c // HEAD_DIM for c in kept[: len(kept) // 3]})
+        channels = [h * HEAD_DIM + i for h in heads for i in range(HEAD_DIM)]
+        assert kept == [c + part * width for part in range(3) for c in channels]  # q, k, v alike
+        assert attn.num_heads == len(heads) and attn.split_size == len(channels) and attn.head_dim == HEAD_DIM
+        assert attn.c_attn.nf == 3 * len(channels) and attn.c_proj.nx == len(channels)
+        assert torch.equal(attn.c_proj.weight, old_attn.c_proj.weight[channels])
+        assert attn.embed_dim == 32 and attn.c_proj.nf == 32  # the residual width stays
+        fc_kept = _kept_columns(old_mlp.c_fc.weight, mlp.c_fc.weight)
+        assert torch.equal(mlp.c_proj.weight, old_mlp.c_proj.weight[fc_kept]) and mlp.c_fc.nf == len(fc_kept)
+        # the lowest-ranked went: group L2 (c_attn's q, k, v columns and c_proj's rows) per head, mean over its dims
+        per_dim = old_attn.c_attn.weight.pow(2).sum(0).view(3, width).sum(0) + old_attn.c_proj.weight.pow(2).sum(1)
+        head_scores = per_dim.view(HEADS, HEAD_DIM).mean(1)
+        if scope == "layer":
+            assert heads == sorted(head_scores.topk(HEADS // 2).indices.tolist())
+        mlp_scores = old_mlp.c_fc.weight.pow(2).sum(0) + old_mlp.c_proj.weight.pow(2).sum(1)
+        dropped = [j for j in range(mlp_width) if j not in fc_kept]
+        assert float(mlp_scores[fc_kept].min()) >= float(mlp_scores[dropped].max())
+        z_attn.c_proj.weight[[c for c in range(width) if c not in channels]] = 0
+        z_mlp.c_proj.weight[dropped] = 0
+    assert _shapes(model, ctx) == shapes
+    with torch.no_grad():
+        got, want = call_model(model.eval(), ctx.example()), call_model(zeroed.eval(), ctx.example())
+    assert torch.allclose(got["logits"], want["logits"], atol=1e-5)
+    # the checkpoint (weights_only) rebuilds the pruned model from a fresh one: Conv1D sizes, head counts, split_size
+    payload = ModelState(model).checkpoint()
+    assert payload["structure"]["transformer.h.0.attn"]["split_size"] == model.transformer.h[0].attn.split_size
+    fresh = ModelState.from_checkpoint(gpt2()[0], payload).model
+    assert [a.num_heads for a, _ in _gpt2_blocks(fresh)] == [a.num_heads for a, _ in _gpt2_blocks(model)]
+    with torch.no_grad():
+        assert torch.equal(call_model(fresh.eval(), ctx.example())["logits"], got["logits"])
+
+
+class _Adapted(nn.Module):
+    """GPT-2 blocks with a plain Linear between them and the head."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001
+        super().__init__()
+        self.gpt2, self.adapter, self.head = transformers.GPT2Model(config), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(self.gpt2(input_ids).last_hidden_state))
+
+
+@pytest.mark.parametrize(
+    ("build", "refused"),
+    [
+        (
+            transformers.GPT2LMHeadModel,
+            "module 'transformer.h.0.crossattention' (GPT2Attention): granularity channels: cross-attention",
+        ),
+        (
+            _Adapted,
+            "module 'adapter' (Linear): granularity channels: this model's Conv1D blocks (GPT-2's) are pruned by slicing",
+        ),
+    ],
+    ids=["cross-attention", "linear-beside-conv1d"],
+)
+def test_gpt2_channels_refused_in_one_line_naming_the_module(build, refused: str) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    cross = build is transformers.GPT2LMHeadModel
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=HEADS, add_cross_attention=cross
+    )
+    model = build(config).eval()
+    _, ctx = gpt2(4)
     before = {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(BadInput) as caught:
         run_pass(PRUNE, model, ctx, granularity="channels", sparsity=0.5, measure_dnr=False, finetune={"epochs": 0})
-    message = str(caught.value)
-    assert message.startswith("module 'transformer.h.0.attn' (GPT2Attention): granularity channels: head pruning ")
-    assert "c_attn (Conv1D)" in message and "\n" not in message
+    assert str(caught.value).startswith(refused) and "\n" not in str(caught.value)
     assert {k: v.shape for k, v in model.state_dict().items()} == before  # nothing half-pruned
 
 
