@@ -1,4 +1,5 @@
-"""Each task recipe in recipes/ (segmentation, detector head, embeddings; README "Any model, any task")
+"""Each task recipe in recipes/ (segmentation, detector head, embeddings, a Hugging Face encoder to int8;
+README "Any model, any task")
 runs end to end on a tiny version of its own data: every stage, every export file verified in ONNX
 Runtime. The gates are opened here: what is tested is that each step runs on the task's samples,
 targets and outputs, not the quality a few samples and one epoch reach (the recipes' own gates are for
@@ -19,6 +20,7 @@ TINY = {
     "mnist-seg-deeplabv3.yaml": {"samples": 40, "size": 32},
     "mnist-detector-head.yaml": {"samples": 24, "size": 64},
     "minilm-embeddings.yaml": {"samples": 40, "length": 16},
+    "minilm-int8.yaml": {"samples": 40, "length": 16},
 }
 
 
@@ -35,6 +37,8 @@ def _tiny(name: str, directory: Path) -> Path:
         stage["gate"] = {"max_drop": 1.0e6}
         if "finetune" in stage["params"]:
             stage["params"]["finetune"]["epochs"] = 1
+        if "iterations" in stage["params"]:
+            stage["params"]["iterations"] = 5
     recipe["export"]["verify"] = {"latency": False, "max_drop": 1.0e6}
     path = directory / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -57,3 +61,9 @@ def test_task_recipe_runs_every_step(name: str, tmp_path: Path) -> None:
         assert entry["metric"] == entry["metric"]  # a number, not NaN
     if recipe["metric"] in ("cosine", "agreement"):
         assert report["baseline"]["metric"] == pytest.approx(1.0)  # the uncompressed model against itself
+    if name == "minilm-int8.yaml":  # BertModel as transformers builds it: quantizers placed by module swap
+        stage = report["stages"][-1]
+        assert stage["placement"] == "modules" and "torch.fx" in stage["placement_reason"]
+        assert stage["quantized_matmuls"] == 2 and "encoder.embeddings.word_embeddings" in stage["quantized_embeddings"]
+        for precision in ("int8-trt", "int8-ort"):  # each file computes what the torch model does
+            assert abs(report["export"][precision]["metric"] - stage["test_metric"]) < 0.002
