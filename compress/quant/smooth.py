@@ -10,7 +10,7 @@ Mul feeding QuantizeLinear, as Model-Optimizer's pre_quant_scale does); the weig
 in the float weight the grid and the rounding are then chosen for.
 
 Only layers carrying their own input quantizer (module placement) over channels-last inputs (Linear)
-are smoothed. Measured on all-MiniLM-L6-v2: bench/hf.py.
+are smoothed. What it gives on all-MiniLM-L6-v2 (W8A8, smooth_alpha auto): bench/hf.py's compress rows.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ from compress.quant.modules import QuantLayer
 
 MIN_RANGE = 1e-5
 # alpha "auto": per layer, the candidate whose quantized output is closest to the float output on a
-# sample of its calibration inputs (None: not smoothed); one alpha for every layer was measured worse
-# on MiniLM (bench/hf.py): the LayerNorm outputs want ~0.8-0.9, layers at 4 bits often none
+# sample of its calibration inputs (None: not smoothed). No single alpha suits every layer and bit width:
+# strong smoothing suits 8-bit weights fed by LayerNorm outputs, while at 4 bits the weights can take
+# little more spread (on MiniLM, auto picked 0.8-1.0 at W8 and mostly 0.5 or none at W4; issue 19's note)
 ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.65, 0.8, 0.9, 1.0)
 SAMPLE_ROWS = 4096
 
