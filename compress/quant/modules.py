@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress.quant.grid import MIN_SCALE, activation_range
+from compress.sparsity import transposed_linear_types
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ActMode = Literal["quant", "float", "observe"]
@@ -99,16 +98,9 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, scale={float(self.scale):.6g}" + (", unsigned" if self.unsigned else "")
 
 
-def conv1d_type() -> type | None:
-    """transformers' Conv1D (GPT-2's projections: y = x @ W + b, W stored [in, out]), if transformers is
-    loaded (a model using it has imported it; compress itself never imports transformers)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
 def is_quantizable_layer(module: nn.Module) -> bool:
-    conv1d = conv1d_type()
-    return isinstance(module, LAYER_TYPES) or (conv1d is not None and isinstance(module, conv1d))
+    """A Conv1d/2d/3d, a Linear, or transformers' Conv1D (a Linear whose weight is stored [in, out])."""
+    return isinstance(module, LAYER_TYPES + transposed_linear_types())
 
 
 def _per_row(values: Tensor, like: Tensor) -> Tensor:
