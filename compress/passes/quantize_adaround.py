@@ -29,9 +29,9 @@ from compress.quant.graph import (
     Placement,
     act_quantizers,
     following_activation,
+    integer_weights,
     layer_nodes,
     oriented_masks,
-    quant_embeddings,
     quant_layers,
 )
 from compress.quant.modules import QuantEmbedding, QuantLayer
@@ -186,14 +186,14 @@ def _prepare(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tuple
     if cfg.smooth_alpha != "off" and plan["placement"] == "modules" and plan["activation_bits"]:
         alphas = smooth_layers(model, inputs, cfg.smooth_alpha, quant_layers(model), ctx.device, cfg.weight_grid)
         plan["smoothed"] = {name: alpha for name, alpha in alphas.items() if alpha is not None}
-    for layer in [*quant_layers(model).values(), *quant_embeddings(model).values()]:
+    for layer in integer_weights(model).values():
         layer.weight_scale.copy_(weight_scales(layer.float_weight, layer.bits, cfg.weight_range, grid=cfg.weight_grid))
     amax = calibrate_activations(
         model, inputs, cfg.act_calibration, percentile=cfg.act_percentile, device=ctx.device,
         unsigned_symmetric=cfg.unsigned_symmetric,
     )  # fmt: skip
     masks = oriented_masks(plan, state.masks)
-    for name, layer in [*quant_layers(model).items(), *quant_embeddings(model).items()]:
+    for name, layer in integer_weights(model).items():
         set_rtn(layer, masks.get(f"{name}.weight"), cfg.weight_grid)
     if auto is not None:
         plan["auto_bits"] = auto
@@ -256,7 +256,7 @@ def choose_bits(state: ModelState, cfg: QuantizeConfig, ctx: StageContext) -> tu
 def _finish(
     state: ModelState, model: Any, plan: dict[str, Any], cfg: QuantizeConfig, amax: dict[str, float], ctx: StageContext
 ) -> dict[str, Any]:
-    for layer in [*quant_layers(model).values(), *quant_embeddings(model).values()]:
+    for layer in integer_weights(model).values():
         layer.drop_float_weight()
     state.model, state.quant = model, plan
     ctx.progress.log(

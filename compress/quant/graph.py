@@ -464,6 +464,11 @@ def quant_embeddings(model: nn.Module) -> dict[str, QuantEmbedding]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
 
 
+def integer_weights(model: nn.Module) -> dict[str, QuantLayer | QuantEmbedding]:
+    """Every module holding integer weights on a per-row grid: the quantized layers and tables."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLayer, QuantEmbedding))}
+
+
 def act_quantizers(gm: nn.Module) -> dict[str, ActQuant]:
     return {name: m for name, m in gm.named_modules() if isinstance(m, ActQuant)}
 

@@ -107,6 +107,14 @@ def _per_row(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
+def exported_weight(weight: Tensor, scale: Tensor, axis: int) -> Tensor:
+    """`weight` (already integers times `scale`, per channel along `axis`) through a per-channel fake
+    quantization with zero point 0 in the int8 container: the same values, and in the export the weight's
+    QuantizeLinear -> DequantizeLinear pair (export/qdq.py folds it into an int8 initializer)."""
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, axis, -128, 127)
+
+
 class QuantLayer(nn.Module):
     """A Conv/Linear with integer weights. The float (BN-folded) weight is kept only while the pass runs,
     as a non-persistent buffer, so AdaRound can compute targets; the checkpoint holds integers and scales."""
@@ -166,16 +174,12 @@ class QuantLayer(nn.Module):
         x = self.quantized_input(x)
         if self.use_float:
             return self.functional(x, self.float_weight)
-        scale = self.weight_scale
-        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         if self.kind == "Linear" and x.dim() != 2:
             # tokens [..., in] (transformers): exported as MatMul with the weight stored [in, out] and its
             # per-channel Q/DQ on axis 1, straight into the MatMul, as TensorRT wants (not a Transpose of it)
-            weight_t = torch.fake_quantize_per_channel_affine(self.weight.t(), scale, zero, 1, -128, 127)
-            out = torch.matmul(x, weight_t)
+            out = torch.matmul(x, exported_weight(self.weight.t(), self.weight_scale, 1))
             return out + self.bias if self.bias is not None else out
-        weight = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -128, 127)
-        return self.functional(x, weight)
+        return self.functional(x, exported_weight(self.weight, self.weight_scale, 0))
 
     def drop_float_weight(self) -> None:
         self.float_weight = torch.empty(0, device=self.weight_int.device)
@@ -211,11 +215,7 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if self.use_float:
             return F.embedding(ids, self.float_weight, self.padding_idx)
-        scale = self.weight_scale
-        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
-        qmax = 2 ** (self.bits - 1) - 1
-        table = torch.fake_quantize_per_channel_affine(self.weight, scale, zero, 0, -qmax - 1, qmax)
-        return F.embedding(ids, table, self.padding_idx)
+        return F.embedding(ids, exported_weight(self.weight, self.weight_scale, 0), self.padding_idx)
 
     def drop_float_weight(self) -> None:
         self.float_weight = torch.empty(0, device=self.weight_int.device)

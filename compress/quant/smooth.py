@@ -24,7 +24,7 @@ from compress.batches import Nested
 from compress.quant.calibrate import run_model
 from compress.quant.graph import set_float
 from compress.quant.grid import WeightGrid, quantize_weight, weight_scales
-from compress.quant.modules import QuantLayer
+from compress.quant.modules import ActQuant, QuantDequant, QuantLayer
 
 MIN_RANGE = 1e-5
 # alpha "auto": per layer, the candidate whose quantized output is closest to the float output on a
@@ -45,15 +45,15 @@ def _smoothing(x_range: Tensor, weight: Tensor, alpha: float) -> Tensor:
 
 
 def _output_error(
-    x: Tensor, x_range: Tensor, weight: Tensor, bits: int, qmax: int, s: Tensor | None, grid: WeightGrid
+    x: Tensor, x_range: Tensor, weight: Tensor, bits: int, quantizer: ActQuant, s: Tensor | None, grid: WeightGrid
 ) -> float:
     """Squared error of the layer's output with its input and weight quantized (min-max ranges: the
     comparison between alphas needs no range search, and costs one matmul per candidate)."""
     target = x @ weight.t()
     if s is not None:
         x, x_range, weight = x / s, x_range / s, weight * s
-    step = float(x_range.max()) / qmax
-    x_q = torch.clamp(torch.round(x / step), -qmax - 1, qmax) * step
+    step = x_range.max() / quantizer.qmax
+    x_q = QuantDequant.apply(x, step, quantizer.qmin, quantizer.qmax, 0)
     scale = weight_scales(weight, bits, "minmax", grid=grid)
     w_q = quantize_weight(weight, scale, bits, grid) * scale[:, None]
     return float((x_q @ w_q.t() - target).pow(2).mean())
@@ -102,9 +102,8 @@ def smooth_layers(
         best: float | None = alpha if alpha != "auto" else None
         if alpha == "auto":
             assert layer.input_quant is not None
-            qmax = layer.input_quant.qmax
             errors = {
-                a: _output_error(samples[name], x_range, weight, layer.bits, qmax,
+                a: _output_error(samples[name], x_range, weight, layer.bits, layer.input_quant,
                                  None if a is None else _smoothing(x_range, weight, a), grid)
                 for a in ALPHAS
             }  # fmt: skip
