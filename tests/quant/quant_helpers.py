@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from compress.data import DataSplits
@@ -37,3 +37,17 @@ def cosine_context(model: nn.Module, dataset: Dataset) -> StageContext:
         metric=metric,
         score_and_outputs=score_and_outputs,
     )
+
+
+class DictSamples(Dataset):
+    """Unlabelled items whose sample is a dict of model inputs (the model is called as model(**x)); an input
+    given as None is left out of the samples."""
+
+    def __init__(self, **inputs: Tensor | None) -> None:
+        self.inputs = {name: tensor for name, tensor in inputs.items() if tensor is not None}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor]]:
+        return ({name: tensor[i] for name, tensor in self.inputs.items()},)

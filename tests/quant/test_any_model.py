@@ -18,13 +18,13 @@ from torch.utils.data import Dataset, TensorDataset
 from compress.batches import call_model, flat_outputs
 from compress.metrics import cosine
 from compress.passes.quantize_adaround import AdaroundConfig, QuantizeConfig, quantize_adaround, quantize_rtn
-from compress.quant import is_quantized, restore
+from compress.quant import is_quantized
 from compress.quant.graph import act_quantizers, quant_layers
 from compress.state import ModelState
 from compress.train import predict, recalibrate_batchnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_helpers import cosine_context  # noqa: E402
+from quant_helpers import DictSamples, cosine_context  # noqa: E402
 
 
 class SSDLiteHead(nn.Module):
@@ -58,22 +58,6 @@ class TokenModel(nn.Module):
         if mask is not None:
             h = h * mask[..., None]
         return h.mean(dim=1)
-
-
-class DictSamples(Dataset):
-    """Unlabelled items whose sample is a dict of model inputs (the model is called as model(**x))."""
-
-    def __init__(self, ids: Tensor, mask: Tensor | None) -> None:
-        self.ids, self.mask = ids, mask
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor]]:
-        sample = {"ids": self.ids[i]}
-        if self.mask is not None:
-            sample["mask"] = self.mask[i]
-        return (sample,)
 
 
 def _images(shape: tuple[int, ...], count: int = 16) -> TensorDataset:
@@ -181,7 +165,7 @@ def test_dict_samples_and_an_input_the_data_leaves_out_survive_a_checkpoint() ->
     model = TokenModel().eval()
     ids = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
     for mask in (None, (ids % 3 != 0).float()):
-        data = DictSamples(ids, mask)
+        data = DictSamples(ids=ids, mask=mask)
         state = _quantize(model, data, "adaround", "skip").state
         quantized = state.model
         _check_fidelity(model, quantized, data, minimum=0.95)

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from compress.batches import call_model, flat_outputs
@@ -32,28 +32,17 @@ from export.onnx_export import export_onnx
 from export.qdq import convert_to_int8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_helpers import cosine_context  # noqa: E402
+from quant_helpers import DictSamples, cosine_context  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 
-class TokenSamples(Dataset):
-    def __init__(self, ids: Tensor, mask: Tensor | None) -> None:
-        self.ids, self.mask = ids, mask
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor]]:
-        return ({"input_ids": self.ids[i], **({"attention_mask": self.mask[i]} if self.mask is not None else {})},)
-
-
-def _tokens(vocab: int, mask: bool, count: int = 16, length: int = 12) -> TokenSamples:
+def _tokens(vocab: int, mask: bool, count: int = 16, length: int = 12) -> DictSamples:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (count, length), generator=generator)
     attention = torch.ones_like(ids)
     attention[: count // 2, length - 3 :] = 0  # padded sentences
-    return TokenSamples(ids, attention if mask else None)
+    return DictSamples(input_ids=ids, attention_mask=attention if mask else None)
 
 
 def bert() -> nn.Module:
@@ -166,5 +155,5 @@ def test_a_checkpoint_rebuilds_the_swapped_model_and_keeps_gpt2_pruned_zeros() -
     rebuilt = ModelState.from_checkpoint(gpt2(), payload).model
     assert isinstance(rebuilt.get_submodule("transformer.h.0.attn.c_attn"), QuantLayer)
     assert isinstance(rebuilt.get_submodule("transformer.wte"), QuantEmbedding)
-    batch = {"input_ids": data.ids[:4]}
+    batch = {"input_ids": data.inputs["input_ids"][:4]}
     assert torch.equal(call_model(rebuilt, batch).logits, call_model(quantized, batch).logits)
